@@ -1,0 +1,305 @@
+"""Typed, frozen configuration: defaults live here, files in configs/ and command-line overrides only change them.
+
+A config file is TOML with one table per section (`[model]`, `[mesh]`, ...). Every field can be overridden with
+`section.field=value` strings (the `--set` flag of every CLI); values are parsed as TOML, so `4`, `1e-5`, `true`,
+`"bfloat16"` and `[1, 2, 4]` mean what they look like, and a bare word is taken as a string. Unknown sections,
+unknown fields, wrong types and out-of-range values raise `ConfigError` naming the field. No JAX here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or gives it a bad value."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a Llama-family decoder (Llama 2/3, Mistral, Qwen2)."""
+
+    name: str = "tiny"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 160
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # "none", "linear" or "llama3" (Llama 3.1+ frequency-dependent scaling).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position: int = 2048
+    attention_bias: bool = False
+    tie_embeddings: bool = False
+    # 0 means full attention; Mistral v0.1 uses 4096.
+    sliding_window: int = 0
+    bos_token_id: int = -1
+    eos_token_ids: tuple[int, ...] = ()
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position", "rope_original_max_position"):
+            _require(getattr(self, f) > 0, f"model.{f}", f"must be > 0, got {getattr(self, f)}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+                 f"must divide model.num_heads={self.num_heads}, got {self.num_kv_heads}")
+        _require(self.rms_norm_eps > 0, "model.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        _require(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
+        _require(self.rope_scaling in ("none", "linear", "llama3"), "model.rope_scaling",
+                 f"must be one of none, linear, llama3; got {self.rope_scaling!r}")
+        _require(self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor",
+                 f"must be >= 1, got {self.rope_scaling_factor}")
+        _require(self.sliding_window >= 0, "model.sliding_window", f"must be >= 0, got {self.sliding_window}")
+        _require(self.bos_token_id < self.vocab_size, "model.bos_token_id",
+                 f"must be < vocab_size={self.vocab_size}, got {self.bos_token_id}")
+        for t in self.eos_token_ids:
+            _require(0 <= t < self.vocab_size, "model.eos_token_ids", f"{t} is outside [0, {self.vocab_size})")
+        _require(self.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
+        _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        """Query heads sharing one KV head (grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over the axes (data, pipeline, tensor), and pipeline microbatching."""
+
+    data: int = 1
+    pipeline: int = 1
+    tensor: int = 1
+    # Microbatches in flight through the pipeline per step; 0 picks one per stage.
+    microbatches: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("data", "pipeline", "tensor"):
+            _require(getattr(self, f) >= 1, f"mesh.{f}", f"must be >= 1, got {getattr(self, f)}")
+        _require(self.microbatches >= 0, "mesh.microbatches", f"must be >= 0, got {self.microbatches}")
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the mesh needs."""
+        return self.data * self.pipeline * self.tensor
+
+    @property
+    def num_microbatches(self) -> int:
+        """Microbatches per pipelined step (at least one per stage keeps every stage busy)."""
+        return self.microbatches or self.pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool on the device."""
+
+    page_size: int = 16
+    num_pages: int = 256
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0, "cache.page_size",
+                 f"must be a power of two, got {self.page_size}")
+        _require(self.num_pages >= 2, "cache.num_pages", f"must be >= 2 (page 0 is reserved), got {self.num_pages}")
+        _require(self.dtype in DTYPES, "cache.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Shape buckets of the compiled steps; every bucket is compiled once, at start when `warmup` is set."""
+
+    max_seq_len: int = 512
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    prefill_buckets: tuple[int, ...] = (16, 64, 256)
+    max_logprobs: int = 5
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_len > 0, "runner.max_seq_len", f"must be > 0, got {self.max_seq_len}")
+        for f in ("batch_buckets", "prefill_buckets"):
+            v = getattr(self, f)
+            _require(len(v) > 0 and all(b > 0 for b in v) and list(v) == sorted(set(v)), f"runner.{f}",
+                     f"must be a non-empty increasing list of positive sizes, got {list(v)}")
+        _require(0 <= self.max_logprobs <= 20, "runner.max_logprobs", f"must be in [0, 20], got {self.max_logprobs}")
+
+    @property
+    def max_batch(self) -> int:
+        """Largest number of rows in one decode step."""
+        return self.batch_buckets[-1]
+
+    @property
+    def max_chunk(self) -> int:
+        """Largest number of prompt tokens in one prefill step."""
+        return self.prefill_buckets[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where weights come from: an orbax directory, or a seeded random init when `path` is empty."""
+
+    path: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`byte` for the file-free byte-level tokenizer, else a path to tokenizer.json or a sentencepiece .model."""
+
+    path: str = "byte"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a replica needs; one frozen object handed down from the entry point."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    cache: CacheConfig = CacheConfig()
+    runner: RunnerConfig = RunnerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    def __post_init__(self) -> None:
+        m, mesh = self.model, self.mesh
+        _require(m.num_layers % mesh.pipeline == 0, "mesh.pipeline",
+                 f"must divide model.num_layers={m.num_layers}, got {mesh.pipeline}")
+        _require(m.num_heads % mesh.tensor == 0, "mesh.tensor",
+                 f"must divide model.num_heads={m.num_heads}, got {mesh.tensor}")
+        _require(m.num_kv_heads % mesh.tensor == 0 or mesh.tensor % m.num_kv_heads == 0, "mesh.tensor",
+                 f"must divide or be a multiple of model.num_kv_heads={m.num_kv_heads}, got {mesh.tensor}")
+        _require(m.intermediate_size % mesh.tensor == 0, "mesh.tensor",
+                 f"must divide model.intermediate_size={m.intermediate_size}, got {mesh.tensor}")
+        _require(m.vocab_size % mesh.tensor == 0, "mesh.tensor",
+                 f"must divide model.vocab_size={m.vocab_size}, got {mesh.tensor}")
+        _require(self.runner.max_seq_len <= m.max_position, "runner.max_seq_len",
+                 f"must be <= model.max_position={m.max_position}, got {self.runner.max_seq_len}")
+        for b in self.runner.batch_buckets:
+            _require(b % mesh.num_microbatches == 0 or b < mesh.num_microbatches, "runner.batch_buckets",
+                     f"{b} must be a multiple of the {mesh.num_microbatches} pipeline microbatches (or smaller)")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        """Block-table width: pages needed by the longest sequence."""
+        return -(-self.runner.max_seq_len // self.cache.page_size)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Checks `value` against the annotation `typ`, converting only where no information is lost."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if origin is tuple:
+        _require(isinstance(value, list | tuple), name, f"expected a list, got {value!r}")
+        (elem, _) = typing.get_args(typ)
+        return tuple(_coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        _require(isinstance(value, bool), name, f"expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        _require(isinstance(value, int | float) and not isinstance(value, bool), name,
+                 f"expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        _require(isinstance(value, str), name, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {typ}")
+
+
+def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    hints = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}: unknown field (known: {', '.join(known)})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{section}: {e}") from e
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.field=value, e.g. model.num_layers=4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts[0], parts[1], value
+
+
+def _resolve_paths(raw: dict[str, dict[str, Any]], base_dir: str) -> None:
+    """Relative checkpoint and tokenizer paths in a file are relative to that file, so configs work from any cwd."""
+    for section, key in (("checkpoint", "path"), ("tokenizer", "path")):
+        value = raw.get(section, {}).get(key)
+        if isinstance(value, str) and value and value != "byte" and not os.path.isabs(value):
+            raw[section][key] = os.path.normpath(os.path.join(base_dir, value))
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a TOML config file (or the defaults when `path` is None) and applies `section.field=value` overrides."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                loaded = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path!r} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from e
+        for section, values in loaded.items():
+            _require(isinstance(values, dict), section, "expected a table of fields")
+            raw[section] = dict(values)
+        _resolve_paths(raw, os.path.dirname(os.path.abspath(path)))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = _field_types(Config)
+    kwargs = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(sections)})")
+        kwargs[section] = _build_section(hints[section], values, section)
+    return Config(**kwargs)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts (for logging and GetModelInfo)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,89 @@
+"""Canonical (checkpoint) parameter layout <-> serving layout on a mesh, and the shardings of both.
+
+Canonical: layers stacked on one leading axis [L, ...], KV heads as in the checkpoint; independent of the mesh,
+so one checkpoint serves every mesh. Serving: a list over the L / P layers of a stage, each leaf [P, ...] holding
+layer `stage * L / P + j` at index `stage`, and KV heads repeated up to `tensor` when the checkpoint has fewer. The
+leading per-stage axis is what `shard_map` splits over `pipeline`; indexing it away inside a stage is free, where
+slicing a stacked [L / P, ...] block per layer would copy every weight on every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxserve.config import Config
+from jaxserve.parallel.mesh import logical_to_spec
+from models import llama
+
+Params = dict[str, Any]
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)
+
+
+def canonical_specs(config: Config) -> Params:
+    """PartitionSpecs of the canonical tree (layers split over `pipeline` in contiguous blocks)."""
+    axes = llama.logical_axes(config.model)
+    if config.model.num_kv_heads < config.mesh.tensor:
+        # Fewer KV heads than tensor devices: the checkpoint's KV heads stay replicated until they are repeated.
+        axes = jax.tree.map(lambda a: tuple(None if n == "kv_heads" else n for n in a), axes, is_leaf=_is_axes)
+    return jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
+
+
+def serving_specs(config: Config) -> Params:
+    """PartitionSpecs of the serving tree: the canonical ones with `layers` standing for the per-stage axis."""
+    axes = llama.logical_axes(config.model)
+    layer_specs = jax.tree.map(logical_to_spec, axes.pop("layers"), is_leaf=_is_axes)
+    specs = jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
+    specs["layers"] = [layer_specs] * (config.model.num_layers // config.mesh.pipeline)
+    return specs
+
+
+def shardings(mesh: Mesh, specs: Params) -> Params:
+    """NamedShardings on `mesh` for a tree of PartitionSpecs."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _repeat_kv_heads(layers: Params, repeats: int) -> Params:
+    """Repeats each KV head `repeats` times (k/v kernels [L, D, Hkv, hd], biases [L, Hkv, hd])."""
+    attn = dict(layers["attn"])
+    for name in ("k_proj", "v_proj"):
+        proj = dict(attn[name])
+        proj["kernel"] = jnp.repeat(proj["kernel"], repeats, axis=2)
+        if "bias" in proj:
+            proj["bias"] = jnp.repeat(proj["bias"], repeats, axis=1)
+        attn[name] = proj
+    return {**layers, "attn": attn}
+
+
+def to_serving(canonical: Params, config: Config) -> Params:
+    """Canonical tree -> serving tree (pure; jit it with serving shardings so each stage keeps its own layers)."""
+    cfg, p = config.model, config.mesh.pipeline
+    layers = canonical["layers"]
+    if cfg.num_kv_heads < config.mesh.tensor:
+        layers = _repeat_kv_heads(layers, config.mesh.tensor // cfg.num_kv_heads)
+    per_stage = cfg.num_layers // p
+    blocks = jax.tree.map(lambda a: a.reshape(p, per_stage, *a.shape[1:]), layers)
+    serving = {k: v for k, v in canonical.items() if k != "layers"}
+    serving["layers"] = [jax.tree.map(lambda a, j=j: a[:, j], blocks) for j in range(per_stage)]
+    return serving
+
+
+def place_serving(canonical: Params, config: Config, mesh: Mesh) -> Params:
+    """Lays a canonical tree (host or sharded arrays) out for serving on `mesh`, one device slice at a time."""
+    out = shardings(mesh, serving_specs(config))
+    return jax.jit(lambda c: to_serving(c, config), out_shardings=out)(canonical)
+
+
+def random_serving_params(config: Config, mesh: Mesh) -> Params:
+    """Seeded random weights created directly in their serving shardings (no device ever holds the whole model)."""
+    canon = shardings(mesh, canonical_specs(config))
+    out = shardings(mesh, serving_specs(config))
+    key = jax.random.key(config.checkpoint.seed)
+    init = jax.jit(lambda k: llama.init_params(config.model, k), out_shardings=canon)
+    return jax.jit(lambda c: to_serving(c, config), out_shardings=out, )(init(key))

@@ -1,0 +1,256 @@
+"""Owns the sharded params and the device KV pool; compiles and runs the prefill and decode steps.
+
+Shapes are bucketed (rows, chunk length, pages per sequence) and each bucket is compiled once, ahead of time at
+start when `runner.warmup` is set; `compile_count` counts every compilation so callers can check it stays flat. The
+KV pool is donated to every step and updated in place. Mechanism only: which rows run is the scheduler's choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxserve.config import Config
+from jaxserve.parallel import layout
+from jaxserve.parallel.mesh import logical_to_spec, make_mesh, mesh_axis
+from jaxserve.parallel.pipeline import run_stages
+from jaxserve.sampling import Sampled, SamplingParams, sample
+from models import llama
+from models.attention import TRASH_SLOT
+
+Params = dict[str, Any]
+KVPool = list[tuple[jax.Array, jax.Array]]
+KV_AXES = ("layers", "kv_slots", "kv_heads", "head_dim")
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Host-side inputs of one step, unpadded: B rows of T tokens (decode: T = 1).
+
+    tokens, positions, slots: [B, T] (positions -1 and slots TRASH_SLOT on padding); block_table: [B, n] page ids;
+    last_index: [B] index in T of the token whose next token is sampled; sampling knobs: [B] each.
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    block_table: np.ndarray
+    last_index: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seed: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the batch before padding."""
+        return self.tokens.shape[0]
+
+
+def _bucket(value: int, buckets: tuple[int, ...], what: str) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{what} {value} exceeds the largest bucket {buckets[-1]}")
+
+
+def page_buckets(max_pages: int) -> tuple[int, ...]:
+    """Pages-per-sequence buckets: powers of two below the block-table width, then the width itself."""
+    out = [1 << i for i in range(max(1, math.ceil(math.log2(max_pages))) + 1) if (1 << i) < max_pages]
+    return tuple(out + [max_pages])
+
+
+class Runner:
+    """Compiled prefill/decode over a paged KV pool on a (data, pipeline, tensor) mesh."""
+
+    def __init__(self, config: Config, params: Params | None = None, mesh: Mesh | None = None) -> None:
+        self.config = config
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
+        self.params = params if params is not None else layout.random_serving_params(config, self.mesh)
+        self.local = llama.LocalShapes.of(config.model, config.mesh.tensor)
+        self.kv = self._new_pool()
+        self.page_buckets = page_buckets(config.max_pages_per_seq)
+        self._compiled: dict[tuple[int, int, int, bool], Any] = {}
+        self._lock = threading.Lock()
+        self.compile_count = 0
+
+    # ----- setup -----
+
+    def _new_pool(self) -> KVPool:
+        cfg, cache = self.config.model, self.config.cache
+        shape = (self.config.mesh.pipeline, cache.num_pages * cache.page_size, self.local.kv_heads_total,
+                 cfg.head_dim)
+        sharding = NamedSharding(self.mesh, logical_to_spec(KV_AXES))
+        zeros = jax.jit(lambda: jnp.zeros(shape, llama.DTYPE[cache.dtype]), out_shardings=sharding)
+        return [(zeros(), zeros()) for _ in range(cfg.num_layers // self.config.mesh.pipeline)]
+
+    def reset_cache(self) -> None:
+        """Zeroes the KV pool (tests and benchmarks start from a clean cache)."""
+        self.kv = self._new_pool()
+
+    @property
+    def num_slots(self) -> int:
+        """KV slots in the pool (pages * page_size); slot 0's page is the trash page."""
+        return self.config.cache.num_pages * self.config.cache.page_size
+
+    # ----- the step function (pure) -----
+
+    def _forward_local(self, params: Params, kv: KVPool, tokens: jax.Array, positions: jax.Array,
+                       slots: jax.Array, block_table: jax.Array) -> tuple[jax.Array, KVPool]:
+        """Per-device body under shard_map: embed, pipelined layers, return hidden [B, T, D] and the pools."""
+        cfg, mesh_cfg = self.config.model, self.config.mesh
+        tensor_axis = mesh_axis("heads") if mesh_cfg.tensor > 1 else None
+        vocab_axis = mesh_axis("vocab") if mesh_cfg.tensor > 1 else None
+        stage_axis = mesh_axis("layers") if mesh_cfg.pipeline > 1 else None
+        layers = [jax.tree.map(lambda a: a[0], layer) for layer in params["layers"]]  # drop the stage axis
+        kv = [(k[0], v[0]) for k, v in kv]
+        x = llama.embed_tokens(params["embed"]["embedding"], tokens, llama.DTYPE[cfg.dtype], vocab_axis)
+        cos, sin = llama.rope_cos_sin(positions, llama.rope_inv_freq(cfg))
+
+        b, t = tokens.shape
+        micro = mesh_cfg.num_microbatches if mesh_cfg.pipeline > 1 else 1
+        if micro > 1 and b % micro == 0:  # split rows
+
+            def split(a: jax.Array) -> jax.Array:
+                return a.reshape(micro, b // micro, *a.shape[1:])
+
+            def merge(a: jax.Array) -> jax.Array:
+                return a.reshape(b, *a.shape[2:])
+
+            tables = split(block_table)
+        else:  # split a prefill chunk into sub-chunks (or not at all); every microbatch holds all rows
+            micro = micro if micro > 1 and t % micro == 0 else 1
+
+            def split(a: jax.Array) -> jax.Array:
+                return a.reshape(b, micro, t // micro, *a.shape[2:]).swapaxes(0, 1)
+
+            def merge(a: jax.Array) -> jax.Array:
+                return a.swapaxes(0, 1).reshape(b, t, *a.shape[3:])
+
+            tables = jnp.broadcast_to(block_table, (micro, *block_table.shape))
+        steps = llama.StepInputs(split(positions), split(slots), tables, split(cos), split(sin))
+
+        layer = llama.DecoderLayer(cfg, self.local, self.config.cache.page_size, tensor_axis)
+
+        def layer_fn(j: int, h: jax.Array, kv_j: tuple[jax.Array, jax.Array], s: llama.StepInputs):
+            return layer.apply({"params": layers[j]}, h, kv_j, s)
+
+        hidden, kv = run_stages(layer_fn, kv, split(x), steps, mesh_cfg.pipeline, stage_axis)
+        return merge(hidden), [(k[None], v[None]) for k, v in kv]
+
+    def _step(self, params: Params, kv: KVPool, tokens: jax.Array, positions: jax.Array, slots: jax.Array,
+              block_table: jax.Array, last_index: jax.Array, sampling: SamplingParams, all_logits: bool
+              ) -> tuple[Sampled | jax.Array, KVPool]:
+        cfg = self.config.model
+        vocab_axis = mesh_axis("vocab") if self.config.mesh.tensor > 1 else None
+        param_specs = layout.serving_specs(self.config)
+        kv_spec = logical_to_spec(KV_AXES)
+        kv_specs = [(kv_spec, kv_spec)] * len(kv)
+
+        def body(params, kv, tokens, positions, slots, block_table, last_index):
+            hidden, kv = self._forward_local(params, kv, tokens, positions, slots, block_table)
+            if not all_logits:
+                hidden = hidden[jnp.arange(hidden.shape[0]), last_index]  # [B, D]
+            return llama.lm_logits(params, cfg, hidden, vocab_axis), kv
+
+        rep = PartitionSpec()
+        logits, kv = jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=(param_specs, kv_specs, rep, rep, rep, rep, rep),
+            out_specs=(rep, kv_specs), check_vma=False,
+        )(params, kv, tokens, positions, slots, block_table, last_index)
+        if all_logits:
+            return logits, kv
+        rows = jnp.arange(tokens.shape[0])
+        next_pos = positions[rows, last_index] + 1
+        return sample(logits, sampling, next_pos, self.config.runner.max_logprobs), kv
+
+    # ----- compilation -----
+
+    def _executable(self, rows: int, length: int, pages: int, all_logits: bool) -> Any:
+        key = (rows, length, pages, all_logits)
+        exe = self._compiled.get(key)
+        if exe is not None:
+            return exe
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+        sampling = SamplingParams(f32(rows), i32(rows), f32(rows), jax.ShapeDtypeStruct((rows,), jnp.uint32))
+        fn = jax.jit(functools.partial(self._step, all_logits=all_logits), donate_argnums=(1,))
+        logging.info("compiling step rows=%d length=%d pages=%d all_logits=%s", rows, length, pages, all_logits)
+        exe = fn.lower(self.params, self.kv, i32(rows, length), i32(rows, length), i32(rows, length),
+                       i32(rows, pages), i32(rows), sampling).compile()
+        self._compiled[key] = exe
+        self.compile_count += 1
+        return exe
+
+    def warmup(self) -> None:
+        """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use."""
+        r = self.config.runner
+        for pages in self.page_buckets:
+            for rows in r.batch_buckets:
+                self._executable(rows, 1, pages, False)
+            for length in r.prefill_buckets:
+                self._executable(1, length, pages, False)
+
+    # ----- running -----
+
+    def _pad(self, batch: StepBatch, decode: bool) -> tuple[int, int, int, list[np.ndarray]]:
+        r = self.config.runner
+        b, t = batch.tokens.shape
+        n = batch.block_table.shape[1]
+        rows = _bucket(b, r.batch_buckets, "batch rows")
+        length = 1 if decode else _bucket(t, r.prefill_buckets, "prefill chunk length")
+        pages = _bucket(n, self.page_buckets, "pages per sequence")
+
+        def pad(a: np.ndarray, shape: tuple[int, ...], fill: float, dtype: Any) -> np.ndarray:
+            out = np.full(shape, fill, dtype)
+            out[tuple(slice(0, s) for s in a.shape)] = a
+            return out
+
+        arrays = [
+            pad(batch.tokens, (rows, length), 0, np.int32),
+            pad(batch.positions, (rows, length), -1, np.int32),
+            pad(batch.slots, (rows, length), TRASH_SLOT, np.int32),
+            pad(batch.block_table, (rows, pages), 0, np.int32),
+            pad(batch.last_index, (rows,), 0, np.int32),
+            pad(batch.temperature, (rows,), 0.0, np.float32),
+            pad(batch.top_k, (rows,), 0, np.int32),
+            pad(batch.top_p, (rows,), 1.0, np.float32),
+            pad(batch.seed, (rows,), 0, np.uint32),
+        ]
+        return rows, length, pages, arrays
+
+    def _run(self, batch: StepBatch, decode: bool, all_logits: bool = False) -> Any:
+        rows, length, pages, a = self._pad(batch, decode)
+        with self._lock:
+            exe = self._executable(rows, length, pages, all_logits)
+            out, self.kv = exe(self.params, self.kv, a[0], a[1], a[2], a[3], a[4],
+                               SamplingParams(a[5], a[6], a[7], a[8]))
+        return out
+
+    def prefill(self, batch: StepBatch) -> Sampled:
+        """Writes a chunk of prompt tokens (any start position) into the pool and samples after each row's last.
+
+        Returns device arrays [rows bucket, ...]; the caller reads the first `batch.num_rows` rows.
+        """
+        return self._run(batch, decode=False)
+
+    def decode(self, batch: StepBatch) -> Sampled:
+        """Appends one token per row and samples the next; returns device arrays like `prefill`."""
+        if batch.tokens.shape[1] != 1:
+            raise ValueError(f"decode takes one token per row, got {batch.tokens.shape[1]}")
+        return self._run(batch, decode=True)
+
+    def logits(self, batch: StepBatch) -> np.ndarray:
+        """Float32 logits [B, T, V] of every token of a chunk (writes its KV like prefill); for scoring and tests."""
+        out = self._run(batch, decode=False, all_logits=True)
+        return np.asarray(out)[: batch.num_rows, : batch.tokens.shape[1]]
