@@ -207,7 +207,8 @@ class Runner:
         r = self.config.runner
         b, t = batch.tokens.shape
         n = batch.block_table.shape[1]
-        rows = _bucket(b, r.batch_buckets, "batch rows")
+        # Prefill of a single sequence (the common case) must not pay for padded rows.
+        rows = _bucket(b, r.batch_buckets if decode or b > 1 else (1,), "batch rows")
         length = 1 if decode else _bucket(t, r.prefill_buckets, "prefill chunk length")
         pages = _bucket(n, self.page_buckets, "pages per sequence")
 
@@ -250,7 +251,8 @@ class Runner:
             raise ValueError(f"decode takes one token per row, got {batch.tokens.shape[1]}")
         return self._run(batch, decode=True)
 
-    def logits(self, batch: StepBatch) -> np.ndarray:
-        """Float32 logits [B, T, V] of every token of a chunk (writes its KV like prefill); for scoring and tests."""
-        out = self._run(batch, decode=False, all_logits=True)
+    def logits(self, batch: StepBatch, decode: bool = False) -> np.ndarray:
+        """Float32 logits [B, T, V] of every token of a chunk, through the prefill (or, with `decode`, the decode)
+        bucket; writes KV exactly like `prefill` / `decode`. For scoring and parity tests."""
+        out = self._run(batch, decode=decode, all_logits=True)
         return np.asarray(out)[: batch.num_rows, : batch.tokens.shape[1]]

@@ -1,0 +1,80 @@
+"""The runner on the tiny model: every mesh agrees, chunked prefill is exact, nothing compiles after warm-up."""
+
+import numpy as np
+import pytest
+
+from jaxserve.config import load_config
+from jaxserve.generate import GenerationOptions, generate
+from jaxserve.runner import Runner, StepBatch, page_buckets
+
+PROMPTS = [[256, 72, 101, 108, 108, 111], [256, *range(40, 77)], [256, 9, 9, 9]]
+
+
+def _runner(*overrides: str) -> Runner:
+    return Runner(load_config("configs/tiny.toml", ["runner.warmup=false", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def reference_output() -> list[list[int]]:
+    return generate(_runner(), PROMPTS, [GenerationOptions(max_tokens=8)] * len(PROMPTS))
+
+
+MESHES = [(t, p) for t in (1, 2, 4, 8) for p in (1, 2, 4) if t * p <= 8 and (t, p) != (1, 1)]
+
+
+@pytest.mark.parametrize(("tensor", "pipeline"), MESHES)
+def test_greedy_output_is_the_same_on_every_mesh(reference_output, tensor: int, pipeline: int) -> None:
+    runner = _runner(f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}")
+    assert generate(runner, PROMPTS, [GenerationOptions(max_tokens=8)] * len(PROMPTS)) == reference_output
+
+
+def _prefill_batch(tokens: np.ndarray, start: int, table: np.ndarray, page_size: int) -> StepBatch:
+    pos = np.arange(start, start + len(tokens), dtype=np.int32)
+    slots = table[pos // page_size] * page_size + pos % page_size
+    one = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint32))
+    return StepBatch(tokens[None].astype(np.int32), pos[None], slots[None].astype(np.int32), table[None],
+                     np.array([len(tokens) - 1], np.int32), *one)
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_chunked_prefill_equals_one_shot_prefill(pipeline: int) -> None:
+    runner = _runner(f"mesh.pipeline={pipeline}")
+    ps = runner.config.cache.page_size
+    prompt = np.random.RandomState(1).randint(0, 256, 50)
+    table = np.array([7, 3, 12, 5, 9, 21, 30], np.int32)  # scattered pages on purpose
+    whole = runner.logits(_prefill_batch(prompt, 0, table, ps))[0]
+    runner.reset_cache()
+    parts = [runner.logits(_prefill_batch(prompt[s:s + 16], s, table, ps))[0] for s in range(0, 50, 16)]
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+
+
+def test_decode_reads_only_a_bucket_of_pages() -> None:
+    assert page_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert page_buckets(20) == (1, 2, 4, 8, 16, 20)
+    assert page_buckets(1) == (1,)
+
+
+def test_compile_count_stays_flat_after_warmup() -> None:
+    runner = Runner(load_config("configs/tiny.toml", ["runner.max_seq_len=96"]))
+    runner.warmup()
+    warm = runner.compile_count
+    assert warm == len(runner.page_buckets) * (len(runner.config.runner.batch_buckets)
+                                               + len(runner.config.runner.prefill_buckets))
+    rng = np.random.RandomState(0)
+    for _ in range(50):
+        rows = rng.randint(1, 9)
+        prompts = [list(rng.randint(0, 256, rng.randint(1, 70))) for _ in range(rows)]
+        options = [GenerationOptions(max_tokens=int(rng.randint(1, 96 - len(p) + 1)), temperature=float(rng.rand()),
+                                     seed=int(rng.randint(1000))) for p in prompts]
+        generate(runner, prompts, options)
+        assert runner.compile_count == warm
+
+
+def test_same_seed_gives_same_sample_whatever_the_batch() -> None:
+    runner = _runner()
+    opts = GenerationOptions(max_tokens=12, temperature=1.0, top_k=20, seed=7)
+    alone = generate(runner, [PROMPTS[0]], [opts])[0]
+    together = generate(runner, PROMPTS, [opts, GenerationOptions(max_tokens=5, temperature=0.5, seed=1),
+                                          GenerationOptions(max_tokens=3)])[0]
+    assert alone == together
+    assert generate(runner, [PROMPTS[0]], [GenerationOptions(max_tokens=12, temperature=1.0, seed=8)])[0] != alone
