@@ -155,6 +155,56 @@ class RunnerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Continuous-batching limits of the engine loop (rows and chunk sizes come from the runner's buckets)."""
+
+    # Tokens computed per step: one per decode row plus every prefill chunk (bounds a step's latency).
+    max_step_tokens: int = 512
+    # Requests queued beyond this are refused (RESOURCE_EXHAUSTED at the server).
+    max_waiting: int = 256
+    preemption: str = "recompute"
+
+    def __post_init__(self) -> None:
+        _require(self.max_step_tokens > 0, "engine.max_step_tokens", f"must be > 0, got {self.max_step_tokens}")
+        _require(self.max_waiting > 0, "engine.max_waiting", f"must be > 0, got {self.max_waiting}")
+        _require(self.preemption in ("recompute",), "engine.preemption",
+                 f"must be 'recompute', got {self.preemption!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC front: address, request limits, TLS and bearer-token auth, shutdown grace."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # 0 disables the Prometheus endpoint.
+    metrics_port: int = 0
+    # 0 means the runner's max_seq_len.
+    max_prompt_tokens: int = 0
+    # 0 means the runner's max_seq_len.
+    max_tokens_cap: int = 0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_stop_strings: int = 16
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Clients must send `authorization: Bearer <token>` when set.
+    auth_token: str = ""
+    grace_period_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "server.port", f"must be in [0, 65536), got {self.port}")
+        _require(0 <= self.metrics_port < 65536, "server.metrics_port",
+                 f"must be in [0, 65536), got {self.metrics_port}")
+        for f in ("max_prompt_tokens", "max_tokens_cap", "max_stop_strings"):
+            _require(getattr(self, f) >= 0, f"server.{f}", f"must be >= 0, got {getattr(self, f)}")
+        _require(self.max_message_bytes >= 1024, "server.max_message_bytes",
+                 f"must be >= 1024, got {self.max_message_bytes}")
+        _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert",
+                 "tls_cert and tls_key must be given together")
+        _require(self.grace_period_s >= 0, "server.grace_period_s", f"must be >= 0, got {self.grace_period_s}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Where weights come from: an orbax directory, or a seeded random init when `path` is empty."""
 
@@ -177,6 +227,8 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     cache: CacheConfig = CacheConfig()
     runner: RunnerConfig = RunnerConfig()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
 
@@ -194,6 +246,9 @@ class Config:
                  f"must divide model.vocab_size={m.vocab_size}, got {mesh.tensor}")
         _require(self.runner.max_seq_len <= m.max_position, "runner.max_seq_len",
                  f"must be <= model.max_position={m.max_position}, got {self.runner.max_seq_len}")
+        _require(self.engine.max_step_tokens >= self.runner.max_batch, "engine.max_step_tokens",
+                 f"must be >= runner max batch {self.runner.max_batch} so every row decodes each step, "
+                 f"got {self.engine.max_step_tokens}")
         for b in self.runner.batch_buckets:
             _require(b % mesh.num_microbatches == 0 or b < mesh.num_microbatches, "runner.batch_buckets",
                      f"{b} must be a multiple of the {mesh.num_microbatches} pipeline microbatches (or smaller)")
@@ -266,7 +321,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 def _resolve_paths(raw: dict[str, dict[str, Any]], base_dir: str) -> None:
     """Relative checkpoint and tokenizer paths in a file are relative to that file, so configs work from any cwd."""
-    for section, key in (("checkpoint", "path"), ("tokenizer", "path")):
+    for section, key in (("checkpoint", "path"), ("tokenizer", "path"), ("server", "tls_cert"), ("server", "tls_key")):
         value = raw.get(section, {}).get(key)
         if isinstance(value, str) and value and value != "byte" and not os.path.isabs(value):
             raw[section][key] = os.path.normpath(os.path.join(base_dir, value))

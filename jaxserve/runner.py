@@ -97,6 +97,17 @@ class Runner:
         """Zeroes the KV pool (tests and benchmarks start from a clean cache)."""
         self.kv = self._new_pool()
 
+    def recover(self) -> bool:
+        """After a failed step: rebuilds the KV pool if the failure consumed its donated buffers.
+
+        Returns True when the pool was rebuilt, i.e. every sequence's cached KV is gone and must be recomputed.
+        """
+        if not any(k.is_deleted() or v.is_deleted() for k, v in self.kv):
+            return False
+        logging.warning("a failed step consumed the KV pool; rebuilding it")
+        self.kv = self._new_pool()
+        return True
+
     @property
     def num_slots(self) -> int:
         """KV slots in the pool (pages * page_size); slot 0's page is the trash page."""

@@ -197,13 +197,16 @@ class Scheduler:
         plan.allocated.setdefault(seq.request_id, []).extend(pages)
         return True
 
-    def _preempt(self, seq: Sequence, allocator: PageAllocator, plan: StepPlan) -> None:
-        """Recompute preemption: free the pages, forget the KV, keep the tokens, queue it again."""
+    def preempt(self, seq: Sequence, allocator: PageAllocator) -> None:
+        """Recompute preemption: free the pages, forget the KV, keep the tokens; the caller queues it again."""
         allocator.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
+
+    def _preempt(self, seq: Sequence, allocator: PageAllocator, plan: StepPlan) -> None:
+        self.preempt(seq, allocator)
         plan.preempted.append(seq)
 
     def _reject_if_outgrown(self, seq: Sequence, allocator: PageAllocator, plan: StepPlan) -> bool:

@@ -75,10 +75,10 @@ class ByteTokenizer:
         return [self.BOS_ID, *ids] if add_bos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Bytes back to text; BOS/EOS carry no text, and an id outside the vocabulary is a caller bug."""
+        """Bytes back to text; BOS, EOS and the padding rows a model's vocabulary may add past them carry no text."""
         for i in ids:
-            if not 0 <= i < self.VOCAB_SIZE:
-                raise ValueError(f"token id {i} is outside the byte vocabulary [0, {self.VOCAB_SIZE})")
+            if i < 0:
+                raise ValueError(f"token id {i} is negative")
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 

@@ -108,9 +108,10 @@ def test_byte_tokenizer_decodes_invalid_utf8_with_replacement() -> None:
     assert ByteTokenizer().decode([0xFF, ord("a")]) == REPLACEMENT_CHAR + "a"
 
 
-def test_byte_tokenizer_rejects_ids_outside_vocabulary() -> None:
-    with pytest.raises(ValueError, match="258"):
-        ByteTokenizer().decode([258])
+def test_byte_tokenizer_gives_no_text_for_padding_ids_and_rejects_negative_ones() -> None:
+    assert ByteTokenizer().decode([104, 258, 271, 105]) == "hi"
+    with pytest.raises(ValueError, match="-1"):
+        ByteTokenizer().decode([-1])
 
 
 @pytest.mark.parametrize("chunk", [1, 3])

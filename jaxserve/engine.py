@@ -1,0 +1,382 @@
+"""The engine loop: one thread that owns every piece of mutable serving state and wires scheduler, runner and KV.
+
+Other threads only `submit` and `cancel` through a thread-safe inbox and receive `RequestOutput`s through the sink
+callback they registered. Each step: drain the inbox, ask the scheduler for a plan, dispatch the runner calls, read
+all sampled ids back in one device-to-host transfer, append tokens, check stops, free pages, push outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxserve.config import Config
+from jaxserve.kv.pages import PageAllocator, block_table_array, pages_for, slots_for
+from jaxserve.metrics import Metrics
+from jaxserve.runner import Runner, StepBatch
+from jaxserve.sampling import Sampled
+from jaxserve.scheduler import Chunk, Scheduler, SchedulerConfig, StepPlan
+from jaxserve.sequence import SamplingOptions, Sequence, SequenceStatus
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `engine.max_waiting`."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated generation request (the server has checked ids, lengths and options)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+    priority: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's logprob and the top alternatives [(token id, logprob)]."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """One delta of a request's stream; the last one has `finish_reason` (and `error` when it failed)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: Usage | None = None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """Engine-side bookkeeping of one request beside its Sequence."""
+
+    seq: Sequence
+    sink: Sink
+    detok: IncrementalDetokenizer | None
+    held_text: str = ""
+    first_scheduled: float | None = None
+    last_token_time: float | None = None
+
+
+class Engine:
+    """Continuous batching over a Runner. Thread-safe: `submit`, `cancel`, `shutdown`; everything else is internal."""
+
+    def __init__(self, config: Config, runner: Runner, tokenizer: Tokenizer | None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.metrics = metrics if metrics is not None else Metrics()
+        r = config.runner
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch=r.max_batch, max_step_tokens=config.engine.max_step_tokens, max_chunk=r.max_chunk,
+            max_seq_len=r.max_seq_len, preemption=config.engine.preemption))
+        self.allocator = PageAllocator(config.cache.num_pages, config.cache.page_size)
+        self.eos_ids = frozenset(config.model.eos_token_ids)
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._tracked: dict[str, _Tracked] = {}
+        self._num_queued = 0  # submitted but not yet admitted; written by both sides under _count_lock
+        self._count_lock = threading.Lock()
+        self._accepting = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fatal_error: BaseException | None = None
+        self.metrics.kv_pages_total.set(self.allocator.num_usable)
+
+    # ----- the thread-safe surface -----
+
+    def start(self) -> None:
+        """Starts the loop thread."""
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the loop thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (read from any thread; a snapshot)."""
+        return len(self._tracked) + self._inbox.qsize()
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        """Queues a request; `sink` receives its outputs on the engine thread (it must not block)."""
+        if not self._accepting or not self.is_alive:
+            raise EngineStoppedError("the server is shutting down and takes no new requests")
+        with self._count_lock:
+            if self._num_queued >= self.config.engine.max_waiting:
+                raise QueueFullError(f"the queue is full ({self.config.engine.max_waiting} requests waiting)")
+            self._num_queued += 1
+        self._inbox.put(("submit", (request, sink)))
+
+    def cancel(self, request_id: str) -> None:
+        """Cancels a request; its pages are freed before the next step."""
+        self._inbox.put(("cancel", request_id))
+
+    def stop_accepting(self) -> None:
+        """Refuses new submissions from now on; in-flight requests continue."""
+        self._accepting = False
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stops taking requests, lets in-flight ones finish for up to `timeout` seconds, cancels the rest, stops.
+
+        Returns True when everything finished within the grace period.
+        """
+        self._accepting = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = True
+        while self.is_alive and self.num_unfinished:
+            if deadline is not None and time.monotonic() >= deadline:
+                drained = False
+                for rid in list(self._tracked):
+                    self.cancel(rid)
+                break
+            time.sleep(0.01)
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        return drained
+
+    # ----- the loop -----
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not (self._waiting or self._running))
+                if self._stop.is_set():
+                    break
+                self.step()
+        except BaseException as e:  # the loop must never die silently: the server watches fatal_error
+            logging.exception("engine loop died")
+            self.fatal_error = e
+            for t in list(self._tracked.values()):
+                self._emit_final(t, "error", f"engine failure: {e}")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "submit":
+                self._admit(*payload)  # type: ignore[misc]
+            elif kind == "cancel":
+                self._cancel(payload)  # type: ignore[arg-type]
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, request: Request, sink: Sink) -> None:
+        opts = request.options
+        if opts.seed is None:
+            opts = dataclasses.replace(opts, seed=random.getrandbits(32))
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), opts, priority=request.priority)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids) if self.tokenizer else None
+        if seq.request_id in self._tracked:
+            self._release_queue_slot()
+            sink(RequestOutput(seq.request_id, [], "", [], "error", f"request id {seq.request_id!r} is in use"))
+            return
+        self._tracked[seq.request_id] = _Tracked(seq, sink, detok)
+        self._waiting.append(seq)
+        self.metrics.prompt_tokens.inc(len(seq.prompt_token_ids))
+
+    def _cancel(self, request_id: str) -> None:
+        t = self._tracked.get(request_id)
+        if t is None:
+            return
+        self.scheduler.abort(t.seq, self.allocator)
+        self._emit_final(t, "cancelled")
+
+    def _release_queue_slot(self) -> None:
+        with self._count_lock:
+            self._num_queued -= 1
+
+    def step(self) -> None:
+        """Plans and runs one step (called on the loop thread; tests may call it directly when not started)."""
+        plan = self.scheduler.plan(self._waiting, self._running, self.allocator)
+        self._waiting, self._running = plan.waiting, plan.running
+        now = time.monotonic()
+        for seq in plan.finished:
+            self._emit_final(self._tracked[seq.request_id], seq.finish_reason or "error", seq.error)
+        self.metrics.preemptions.inc(len(plan.preempted))
+        for chunk in plan.decode + plan.prefill:
+            t = self._tracked[chunk.seq.request_id]
+            if t.first_scheduled is None:
+                t.first_scheduled = now
+                self._release_queue_slot()
+                self.metrics.queue_time.observe(now - t.seq.arrival_time)
+        if not plan.is_empty:
+            try:
+                sampled = self._execute(plan)
+            except Exception as e:
+                self._fail_step(plan, e)
+            else:
+                self._postprocess(plan, sampled)
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.kv_pages_used.set(self.allocator.num_used)
+        self.metrics.compilations.set(self.runner.compile_count)
+
+    def _batch(self, chunks: list[Chunk]) -> StepBatch:
+        ps = self.config.cache.page_size
+        length = max(c.length for c in chunks)
+        width = max(pages_for(c.start + c.length, ps) for c in chunks)
+        tokens = np.zeros((len(chunks), length), np.int32)
+        positions = np.full((len(chunks), length), -1, np.int32)
+        slots = np.zeros((len(chunks), length), np.int32)
+        for r, c in enumerate(chunks):
+            tokens[r, : c.length] = c.seq.token_ids[c.start: c.start + c.length]
+            positions[r, : c.length] = np.arange(c.start, c.start + c.length)
+            slots[r, : c.length] = slots_for(c.seq.block_table, c.start, c.length, ps)
+        opts = [c.seq.options for c in chunks]
+        return StepBatch(
+            tokens, positions, slots, block_table_array([c.seq.block_table[:width] for c in chunks], width),
+            np.array([c.length - 1 for c in chunks], np.int32),
+            np.array([o.temperature for o in opts], np.float32), np.array([o.top_k for o in opts], np.int32),
+            np.array([o.top_p for o in opts], np.float32), np.array([o.seed for o in opts], np.uint32))
+
+    def _execute(self, plan: StepPlan) -> list[tuple[Chunk, int, Sampled]]:
+        """Dispatches every runner call of the step, then reads all results back in one transfer."""
+        calls: list[tuple[list[Chunk], Sampled]] = []
+        if plan.decode:
+            calls.append((plan.decode, self.runner.decode(self._batch(plan.decode))))
+        for chunk in plan.prefill:
+            calls.append(([chunk], self.runner.prefill(self._batch([chunk]))))
+        host = jax.device_get([out for _, out in calls])
+        return [(c, row, out) for (chunks, _), out in zip(calls, host, strict=True) for row, c in enumerate(chunks)]
+
+    def _fail_step(self, plan: StepPlan, error: Exception) -> None:
+        """Fails the step's requests with a clear error; if the KV pool was lost, the others recompute."""
+        logging.exception("engine step failed")
+        self.metrics.step_failures.inc()
+        message = f"step failed: {type(error).__name__}: {error}"
+        for chunk in plan.decode + plan.prefill:
+            t = self._tracked.get(chunk.seq.request_id)
+            if t is not None and not chunk.seq.is_finished:
+                self.scheduler.finish(chunk.seq, self.allocator, SequenceStatus.FINISHED_ERROR, message)
+                self._emit_final(t, "error", message)
+        if self.runner.recover():
+            for seq in self._running:
+                if not seq.is_finished:
+                    self.scheduler.preempt(seq, self.allocator)
+            self._waiting = self._waiting + [s for s in self._running if not s.is_finished]
+            self._running = []
+
+    def _postprocess(self, plan: StepPlan, sampled: list[tuple[Chunk, int, Sampled]]) -> None:
+        now = time.monotonic()
+        for chunk, row, out in sampled:
+            seq = chunk.seq
+            if not chunk.samples or seq.is_finished:
+                continue  # a mid-prompt chunk, or cancelled while the step ran
+            t = self._tracked[seq.request_id]
+            try:
+                self._append(t, row, out, now)
+            except Exception as e:  # one request's bad output (e.g. a detokenizer error) must not stop the rest
+                logging.exception("postprocessing request %s failed", seq.request_id)
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, self.allocator, SequenceStatus.FINISHED_ERROR, str(e))
+                self._emit_final(t, "error", f"output processing failed: {type(e).__name__}: {e}")
+
+    def _append(self, t: _Tracked, row: int, out: Sampled, now: float) -> None:
+        """Appends one sampled token to a request, checks its stops and streams the delta."""
+        seq = t.seq
+        token = int(out.token[row])
+        seq.append_token(token)
+        self.metrics.generation_tokens.inc()
+        if t.last_token_time is None:
+            self.metrics.ttft.observe(now - seq.arrival_time)
+        else:
+            self.metrics.inter_token.observe(now - t.last_token_time)
+        t.last_token_time = now
+        n = seq.options.logprobs
+        logprobs = [TokenLogprob(float(out.logprob[row]),
+                                 [(int(i), float(v)) for i, v in zip(out.top_tokens[row][:n],
+                                                                     out.top_logprobs[row][:n], strict=True)])
+                    ] if n else []
+        reason = self._stop_reason(seq, token)
+        text, hit_stop_string = self._text_delta(t, token, final=reason is not None)
+        if hit_stop_string:
+            reason = "stop"
+        if reason is None:
+            t.sink(RequestOutput(seq.request_id, [token], text, logprobs))
+            return
+        status = SequenceStatus.FINISHED_STOPPED if reason == "stop" else SequenceStatus.FINISHED_LENGTH
+        self.scheduler.finish(seq, self.allocator, status)
+        self._emit_final(t, reason, None, [token], text, logprobs)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        opts = seq.options
+        if token in opts.stop_token_ids or (not opts.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if seq.num_output_tokens >= opts.max_tokens:
+            return "length"
+        return None
+
+    def _text_delta(self, t: _Tracked, token: int, final: bool) -> tuple[str, bool]:
+        """New text to stream, holding back a tail that could begin a stop string; truncates at a stop string."""
+        if t.detok is None:
+            return "", False
+        t.held_text += t.detok.add([token])
+        stops = t.seq.options.stop
+        if final:
+            t.held_text += t.detok.flush()
+        hits = [i for i in (t.held_text.find(s) for s in stops) if i >= 0]
+        if hits:
+            text, t.held_text = t.held_text[: min(hits)], ""
+            return text, True
+        keep = 0 if final or not stops else max(len(s) for s in stops) - 1
+        cut = len(t.held_text) - keep
+        text, t.held_text = t.held_text[:cut], t.held_text[cut:]
+        return text, False
+
+    def _emit_final(self, t: _Tracked, reason: str, error: str | None = None, token_ids: list[int] | None = None,
+                    text: str = "", logprobs: list[TokenLogprob] | None = None) -> None:
+        """Sends the last output of a request and forgets it."""
+        seq = t.seq
+        if self._tracked.pop(seq.request_id, None) is None:
+            return
+        if t.first_scheduled is None:
+            self._release_queue_slot()
+        self.metrics.requests_finished.labels(reason).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.arrival_time)
+        usage = Usage(len(seq.prompt_token_ids), seq.num_output_tokens)
+        t.sink(RequestOutput(seq.request_id, token_ids or [], text, logprobs or [], reason, error, usage))
