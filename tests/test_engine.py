@@ -1,0 +1,151 @@
+"""The engine loop on the tiny model: continuous batching is exact, cancellation frees pages, stops work."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from jaxserve.config import load_config
+from jaxserve.engine import Engine, QueueFullError, Request, RequestOutput
+from jaxserve.generate import GenerationOptions, generate
+from jaxserve.runner import Runner
+from jaxserve.sequence import SamplingOptions
+from jaxserve.tokenizer import ByteTokenizer
+
+
+class Collector:
+    """Gathers every request's outputs; `wait` blocks until `count` requests finished."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[RequestOutput]] = {}
+        self._finished = 0
+        self._cond = threading.Condition()
+
+    def sink(self, out: RequestOutput) -> None:
+        with self._cond:
+            self.outputs.setdefault(out.request_id, []).append(out)
+            if out.finish_reason is not None:
+                self._finished += 1
+                self._cond.notify_all()
+
+    def wait(self, count: int, timeout: float = 300) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._finished >= count, timeout), f"{self._finished}/{count} done"
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for o in self.outputs[rid] for t in o.token_ids]
+
+    def text(self, rid: str) -> str:
+        return "".join(o.text for o in self.outputs[rid])
+
+    def final(self, rid: str) -> RequestOutput:
+        return self.outputs[rid][-1]
+
+
+@pytest.fixture(scope="module")
+def runner() -> Runner:
+    return Runner(load_config("configs/tiny.toml", ["runner.warmup=false"]))
+
+
+def _engine(runner: Runner, *overrides: str) -> Engine:
+    # Overrides only shape the engine (a smaller page allocator, queue limits); the runner's pool is a superset.
+    engine = Engine(load_config("configs/tiny.toml", ["runner.warmup=false", *overrides]), runner, ByteTokenizer())
+    engine.start()
+    return engine
+
+
+def test_concurrent_requests_each_match_the_request_run_alone(runner: Runner) -> None:
+    rng = np.random.RandomState(0)
+    prompts = [[256, *rng.randint(0, 256, rng.randint(1, 120))] for _ in range(64)]
+    max_tokens = [int(rng.randint(1, 40)) for _ in prompts]
+    engine, got = _engine(runner), Collector()
+    for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
+        engine.submit(Request(str(i), p, SamplingOptions(max_tokens=n, ignore_eos=True)), got.sink)
+    got.wait(len(prompts))
+    assert engine.shutdown(5)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
+        assert got.tokens(str(i)) == generate(runner, [p], [GenerationOptions(max_tokens=n)])[0], f"request {i}"
+        assert got.final(str(i)).finish_reason == "length"
+        assert got.final(str(i)).usage.completion_tokens == n
+    assert engine.allocator.num_used == 0
+
+
+def test_preempted_requests_recompute_to_the_same_output(runner: Runner) -> None:
+    prompts = [[256, *range(i, i + 30)] for i in range(8)]
+    engine, got = _engine(runner, "cache.num_pages=24"), Collector()  # 23 pages of 8: not enough for 8 x 70 tokens
+    for i, p in enumerate(prompts):
+        engine.submit(Request(str(i), p, SamplingOptions(max_tokens=40, ignore_eos=True)), got.sink)
+    got.wait(len(prompts))
+    assert engine.shutdown(5)
+    assert engine.metrics.preemptions._value.get() > 0
+    for i, p in enumerate(prompts):
+        assert got.tokens(str(i)) == generate(runner, [p], [GenerationOptions(max_tokens=40)])[0]
+    assert engine.allocator.num_used == 0
+
+
+def test_cancelling_200_requests_at_random_points_frees_every_page(runner: Runner) -> None:
+    rng = np.random.RandomState(1)
+    engine, got = _engine(runner, "engine.max_waiting=1000"), Collector()
+    cancel_after = {}
+    lock = threading.Lock()
+
+    def sink(out: RequestOutput) -> None:
+        got.sink(out)
+        with lock:
+            seen = len(got.outputs[out.request_id])
+        if out.finish_reason is None and seen == cancel_after[out.request_id]:
+            engine.cancel(out.request_id)
+
+    for i in range(200):
+        rid = f"r{i}"
+        cancel_after[rid] = int(rng.randint(1, 20))
+        engine.submit(Request(rid, [256, *rng.randint(0, 256, rng.randint(1, 60))],
+                              SamplingOptions(max_tokens=30, ignore_eos=True)), sink)
+        if i % 3 == 0:
+            engine.cancel(rid)  # some are cancelled before they ever run
+    got.wait(200)
+    assert engine.shutdown(5)
+    reasons = {got.final(f"r{i}").finish_reason for i in range(200)}
+    assert reasons <= {"cancelled", "length"} and "cancelled" in reasons
+    assert engine.allocator.num_used == 0
+    assert not engine._running and not engine._waiting
+
+
+def test_stop_strings_truncate_text_and_stop_tokens_end_the_stream(runner: Runner) -> None:
+    prompt = [256, *b"hello"]
+    full = generate(runner, [prompt], [GenerationOptions(max_tokens=30)])[0]
+    text = ByteTokenizer().decode(full)
+    stop = text[10:12]
+    engine, got = _engine(runner), Collector()
+    engine.submit(Request("s", prompt, SamplingOptions(max_tokens=30, stop=(stop,), ignore_eos=True)), got.sink)
+    engine.submit(Request("t", prompt, SamplingOptions(max_tokens=30, stop_token_ids=(full[5],), ignore_eos=True)),
+                  got.sink)
+    got.wait(2)
+    engine.shutdown(5)
+    assert got.final("s").finish_reason == "stop"
+    assert got.text("s") == text[: text.find(stop)]
+    assert got.tokens("t") == full[: full.index(full[5]) + 1]
+    assert got.final("t").finish_reason == "stop"
+
+
+def test_logprobs_are_returned_for_each_token(runner: Runner) -> None:
+    engine, got = _engine(runner), Collector()
+    engine.submit(Request("l", [256, 1, 2, 3], SamplingOptions(max_tokens=4, logprobs=3, ignore_eos=True)), got.sink)
+    got.wait(1)
+    engine.shutdown(5)
+    lps = [lp for o in got.outputs["l"] for lp in o.logprobs]
+    assert len(lps) == 4
+    for token, lp in zip(got.tokens("l"), lps, strict=True):
+        assert len(lp.top) == 3 and lp.top[0][0] == token and lp.logprob == pytest.approx(lp.top[0][1])
+
+
+def test_a_full_queue_refuses_more_requests(runner: Runner) -> None:
+    config = load_config("configs/tiny.toml", ["runner.warmup=false", "engine.max_waiting=2"])
+    engine = Engine(config, runner, ByteTokenizer())  # not started: nothing drains the queue
+    engine._thread = threading.current_thread()  # submissions check the loop is alive
+    engine.submit(Request("a", [1], SamplingOptions()), lambda _: None)
+    engine.submit(Request("b", [1], SamplingOptions()), lambda _: None)
+    with pytest.raises(QueueFullError, match="2 requests waiting"):
+        engine.submit(Request("c", [1], SamplingOptions()), lambda _: None)
