@@ -29,7 +29,7 @@ from models.attention import TRASH_SLOT
 
 Params = dict[str, Any]
 KVPool = list[tuple[jax.Array, jax.Array]]
-KV_AXES = ("layers", "kv_slots", "kv_heads", "head_dim")
+KV_AXES = ("layers", "kv_heads", "kv_slots", "head_dim")
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ class Runner:
 
     def _new_pool(self) -> KVPool:
         cfg, cache = self.config.model, self.config.cache
-        shape = (self.config.mesh.pipeline, cache.num_pages * cache.page_size, self.local.kv_heads_total,
+        shape = (self.config.mesh.pipeline, self.local.kv_heads_total, cache.num_pages * cache.page_size,
                  cfg.head_dim)
         sharding = NamedSharding(self.mesh, logical_to_spec(KV_AXES))
         zeros = jax.jit(lambda: jnp.zeros(shape, llama.DTYPE[cache.dtype]), out_shardings=sharding)

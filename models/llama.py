@@ -238,7 +238,7 @@ def _abstract_layer(cfg: ModelConfig) -> Params:
     layer = declare_layer(cfg)
     hd = cfg.head_dim
     x = jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), DTYPE[cfg.dtype])
-    pool = jax.ShapeDtypeStruct((16, cfg.num_kv_heads, hd), DTYPE[cfg.dtype])
+    pool = jax.ShapeDtypeStruct((cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
     i32 = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     f = jax.ShapeDtypeStruct((1, 1, hd), jnp.float32)
     step = StepInputs(i32, i32, i32, f, f)
@@ -286,7 +286,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     hd = cfg.head_dim
     layer = declare_layer(cfg)
     x = jnp.zeros((1, 1, cfg.hidden_size), DTYPE[cfg.dtype])
-    pool = jnp.zeros((16, cfg.num_kv_heads, hd), DTYPE[cfg.dtype])
+    pool = jnp.zeros((cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
     zeros = jnp.zeros((1, 1), jnp.int32)
     tab = jnp.zeros((1, 1, hd), jnp.float32)
     step = StepInputs(zeros, zeros, zeros, tab, tab)

@@ -1,0 +1,115 @@
+"""Decode throughput and memory-bandwidth utilisation (MBU) of the runner, against this machine's measured roofline.
+
+For each config and batch size: fill `--context` tokens of KV per row, then time `--steps` decode steps through
+`Runner.decode` exactly as the engine calls it (one device-to-host read of the sampled ids per step).
+MBU = (bytes of weights + KV read per step) / step time / measured bandwidth, where the bandwidth is that of a
+jitted float32 reduction over `--bandwidth_gib` GiB on the same devices, measured in the same run.
+
+    python benchmarks/decode_mbu.py --configs configs/default.toml,configs/bench-110m.toml --batches 1,8,32
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxserve.config import Config, load_config
+from jaxserve.kv.pages import block_table_array, pages_for
+from jaxserve.runner import Runner, StepBatch
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["configs/default.toml", "configs/bench-110m.toml"], "Config files to measure.")
+flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
+flags.DEFINE_integer("context", 256, "Tokens already in each row's KV cache.")
+flags.DEFINE_integer("steps", 64, "Timed decode steps per batch size.")
+flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array the bandwidth probe reduces.")
+flags.DEFINE_multi_string("set", [], "Overrides applied to every config (section.field=value).")
+flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
+
+
+def measure_bandwidth(gib: float) -> float:
+    """Bytes/s of a jitted float32 sum over `gib` GiB (best of 5): what one pass over memory costs here."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
+def _param_bytes(runner: Runner) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(runner.params))
+
+
+def _kv_bytes_read(config: Config, rows: int, context: int) -> int:
+    """KV bytes a decode step reads: every layer's keys and values of each row's (page-rounded) context."""
+    m, c = config.model, config.cache
+    tokens = pages_for(context + 1, c.page_size) * c.page_size
+    itemsize = jnp.dtype(c.dtype).itemsize
+    return rows * tokens * m.num_layers * 2 * max(m.num_kv_heads, config.mesh.tensor) * m.head_dim * itemsize
+
+
+def bench_decode(runner: Runner, rows: int, context: int, steps: int) -> float:
+    """Seconds per decode step for `rows` rows at `context` tokens (sampled ids read back every step)."""
+    config = runner.config
+    ps = config.cache.page_size
+    per_row = pages_for(context + steps + 1, ps)
+    tables = [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]
+    if 1 + rows * per_row > config.cache.num_pages:
+        raise ValueError(f"{rows} rows x {per_row} pages exceed cache.num_pages={config.cache.num_pages}")
+    zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+
+    def step(pos: int) -> None:
+        width = pages_for(pos + 1, ps)
+        table = block_table_array([t[:width] for t in tables], width)
+        slots = table[:, pos // ps] * ps + pos % ps
+        batch = StepBatch(np.full((rows, 1), 7, np.int32), np.full((rows, 1), pos, np.int32), slots[:, None],
+                          table, zeros_i, zeros_f, zeros_i, np.ones(rows, np.float32), np.zeros(rows, np.uint32))
+        np.asarray(runner.decode(batch).token)
+
+    for pos in range(context, context + 3):  # compile and warm
+        step(pos)
+    t0 = time.perf_counter()
+    for pos in range(context, context + steps):
+        step(pos)
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    bandwidth = measure_bandwidth(FLAGS.bandwidth_gib)
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+          f"measured bandwidth={bandwidth / 1e9:.1f} GB/s")
+    results = []
+    for path in FLAGS.configs:
+        batches = [int(b) for b in FLAGS.batches]
+        config = load_config(path, ["runner.warmup=false", f"runner.batch_buckets={sorted(set(batches))}",
+                                    *FLAGS.set])
+        runner = Runner(config)
+        weights = _param_bytes(runner)
+        print(f"\n{config.model.name}: {weights / 1e6:.1f} MB of weights ({config.model.param_dtype}), "
+              f"context {FLAGS.context}")
+        print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'MB read':>8} {'MBU':>6}")
+        for rows in batches:
+            seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps)
+            read = weights + _kv_bytes_read(config, rows, FLAGS.context)
+            mbu = read / seconds / bandwidth
+            print(f"{rows:>5} {seconds * 1e3:>8.2f} {rows / seconds:>8.1f} {read / 1e6:>8.1f} {mbu:>6.1%}")
+            results.append({"model": config.model.name, "batch": rows, "step_ms": seconds * 1e3,
+                            "tokens_per_s": rows / seconds, "bytes_per_step": read, "mbu": mbu,
+                            "bandwidth_gbs": bandwidth / 1e9})
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
