@@ -1,7 +1,8 @@
 """`jaxserve-generate`: offline generation from the command line, through the same engine the server runs.
 
     jaxserve-generate --prompt "def fibonacci(n):" --max_tokens 64
-    jaxserve-generate --config configs/llama3-8b.toml --checkpoint /ckpt/llama3-8b/params --prompt "Hi" --temperature 0.7
+    jaxserve-generate --config configs/llama3-8b.toml --checkpoint /ckpt/llama3-8b/params \
+        --prompt "Hi" --temperature 0.7
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ slicing a stacked [L / P, ...] block per layer would copy every weight on every 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -74,16 +75,22 @@ def to_serving(canonical: Params, config: Config) -> Params:
     return serving
 
 
+@functools.cache
+def _compiled_layouts(config: Config, mesh: Mesh) -> tuple[Any, Any]:
+    """Jitted (init, to_serving) for one config and mesh, built once so repeated loads do not recompile."""
+    canon = shardings(mesh, canonical_specs(config))
+    out = shardings(mesh, serving_specs(config))
+    init = jax.jit(lambda k: llama.init_params(config.model, k), out_shardings=canon)
+    place = jax.jit(lambda c: to_serving(c, config), out_shardings=out)
+    return init, place
+
+
 def place_serving(canonical: Params, config: Config, mesh: Mesh) -> Params:
     """Lays a canonical tree (host or sharded arrays) out for serving on `mesh`, one device slice at a time."""
-    out = shardings(mesh, serving_specs(config))
-    return jax.jit(lambda c: to_serving(c, config), out_shardings=out)(canonical)
+    return _compiled_layouts(config, mesh)[1](canonical)
 
 
 def random_serving_params(config: Config, mesh: Mesh) -> Params:
     """Seeded random weights created directly in their serving shardings (no device ever holds the whole model)."""
-    canon = shardings(mesh, canonical_specs(config))
-    out = shardings(mesh, serving_specs(config))
-    key = jax.random.key(config.checkpoint.seed)
-    init = jax.jit(lambda k: llama.init_params(config.model, k), out_shardings=canon)
-    return jax.jit(lambda c: to_serving(c, config), out_shardings=out, )(init(key))
+    init, place = _compiled_layouts(config, mesh)
+    return place(init(jax.random.key(config.checkpoint.seed)))
