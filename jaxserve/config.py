@@ -163,8 +163,12 @@ class EngineConfig:
     # Requests queued beyond this are refused (RESOURCE_EXHAUSTED at the server).
     max_waiting: int = 256
     preemption: str = "recompute"
+    # "static" runs each batch to its last token before admitting more (a baseline for benchmarks).
+    batching: str = "continuous"
 
     def __post_init__(self) -> None:
+        _require(self.batching in ("continuous", "static"), "engine.batching",
+                 f"must be 'continuous' or 'static', got {self.batching!r}")
         _require(self.max_step_tokens > 0, "engine.max_step_tokens", f"must be > 0, got {self.max_step_tokens}")
         _require(self.max_waiting > 0, "engine.max_waiting", f"must be > 0, got {self.max_waiting}")
         _require(self.preemption in ("recompute",), "engine.preemption",

@@ -103,7 +103,8 @@ class Engine:
         r = config.runner
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch=r.max_batch, max_step_tokens=config.engine.max_step_tokens, max_chunk=r.max_chunk,
-            max_seq_len=r.max_seq_len, preemption=config.engine.preemption))
+            max_seq_len=r.max_seq_len, preemption=config.engine.preemption,
+            static_batching=config.engine.batching == "static"))
         self.allocator = PageAllocator(config.cache.num_pages, config.cache.page_size)
         self.eos_ids = frozenset(config.model.eos_token_ids)
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()

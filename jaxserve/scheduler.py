@@ -43,6 +43,8 @@ class SchedulerConfig:
     max_seq_len: int = 512
     # How a preempted sequence gets its KV back; "swap" arrives with the host tier.
     preemption: str = "recompute"
+    # Static batching (for comparison only): a batch runs to its last token before anyone joins.
+    static_batching: bool = False
 
     def __post_init__(self) -> None:
         for f in ("max_batch", "max_step_tokens", "max_chunk", "max_seq_len"):
@@ -138,7 +140,9 @@ class Scheduler:
 
         # 3. Admission, in order, stopping at the first sequence that does not fit.
         admitted: list[Sequence] = []
-        while pending and not plan.preempted and budget > 0 and len(queue) + len(admitted) < cfg.max_batch:
+        closed = cfg.static_batching and bool(queue)
+        while (pending and not closed and not plan.preempted and budget > 0
+               and len(queue) + len(admitted) < cfg.max_batch):
             seq = pending[0]
             if self._reject_if_outgrown(seq, allocator, plan):
                 pending.pop(0)

@@ -330,3 +330,17 @@ def test_random_workload_conserves_pages_and_finishes_everything(seed):
             assert s.num_output_tokens == s.options.max_tokens or s.num_tokens == capacity + 1
             assert s.output_token_ids == [1000 + i for i in range(s.num_output_tokens)]
     assert np.all([s.block_table == [] for s in seqs])
+
+
+def test_static_batching_admits_nobody_until_the_batch_drains() -> None:
+    sched = Scheduler(SchedulerConfig(max_batch=4, max_step_tokens=64, max_chunk=16, max_seq_len=64,
+                                      static_batching=True))
+    alloc = PageAllocator(64, 4)
+    first, second = Sequence("a", [1, 2, 3]), Sequence("b", [4, 5])
+    plan = sched.plan([first], [], alloc)
+    assert plan.running == [first]
+    plan = sched.plan([second], plan.running, alloc)
+    assert plan.running == [first] and plan.waiting == [second]
+    sched.finish(first, alloc, SequenceStatus.FINISHED_LENGTH)
+    plan = sched.plan(plan.waiting, plan.running, alloc)
+    assert plan.running == [second]
