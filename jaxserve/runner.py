@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxserve.config import Config
 from jaxserve.parallel import layout
 from jaxserve.parallel.mesh import logical_to_spec, make_mesh, mesh_axis
-from jaxserve.parallel.pipeline import run_stages
+from jaxserve.parallel.pipeline import microbatching, run_stages
 from jaxserve.sampling import Sampled, SamplingParams, sample
 from models import llama
 from models.attention import TRASH_SLOT
@@ -127,28 +127,9 @@ class Runner:
         x = llama.embed_tokens(params["embed"]["embedding"], tokens, llama.DTYPE[cfg.dtype], vocab_axis)
         cos, sin = llama.rope_cos_sin(positions, llama.rope_inv_freq(cfg))
 
-        b, t = tokens.shape
         micro = mesh_cfg.num_microbatches if mesh_cfg.pipeline > 1 else 1
-        if micro > 1 and b % micro == 0:  # split rows
-
-            def split(a: jax.Array) -> jax.Array:
-                return a.reshape(micro, b // micro, *a.shape[1:])
-
-            def merge(a: jax.Array) -> jax.Array:
-                return a.reshape(b, *a.shape[2:])
-
-            tables = split(block_table)
-        else:  # split a prefill chunk into sub-chunks (or not at all); every microbatch holds all rows
-            micro = micro if micro > 1 and t % micro == 0 else 1
-
-            def split(a: jax.Array) -> jax.Array:
-                return a.reshape(b, micro, t // micro, *a.shape[2:]).swapaxes(0, 1)
-
-            def merge(a: jax.Array) -> jax.Array:
-                return a.swapaxes(0, 1).reshape(b, t, *a.shape[3:])
-
-            tables = jnp.broadcast_to(block_table, (micro, *block_table.shape))
-        steps = llama.StepInputs(split(positions), split(slots), tables, split(cos), split(sin))
+        split, split_table, merge = microbatching(tokens.shape[0], tokens.shape[1], micro)
+        steps = llama.StepInputs(split(positions), split(slots), split_table(block_table), split(cos), split(sin))
 
         layer = llama.DecoderLayer(cfg, self.local, self.config.cache.page_size, tensor_axis)
 

@@ -28,6 +28,38 @@ def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
 
 
+Split = Callable[[jax.Array], jax.Array]
+
+
+def microbatching(rows: int, length: int, micro: int) -> tuple[Split, Split, Split]:
+    """(split, split_table, merge) between a step's arrays and M microbatches.
+
+    `split` maps [B, T, ...] to [M, b, t, ...], `split_table` maps a [B, n] block table to [M, b, n], and `merge`
+    inverts `split`. Rows are split when they divide evenly; otherwise a prefill chunk is cut into sub-chunks along
+    T (each holding every row, so each repeats the whole block table); failing both, the step is one microbatch.
+    """
+    if micro > 1 and rows % micro == 0:
+        def split(a: jax.Array) -> jax.Array:
+            return a.reshape(micro, rows // micro, *a.shape[1:])
+
+        def merge(a: jax.Array) -> jax.Array:
+            return a.reshape(rows, *a.shape[2:])
+
+        return split, split, merge
+    micro = micro if micro > 1 and length % micro == 0 else 1
+
+    def split_time(a: jax.Array) -> jax.Array:
+        return a.reshape(rows, micro, length // micro, *a.shape[2:]).swapaxes(0, 1)
+
+    def repeat_table(a: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(a, (micro, *a.shape))
+
+    def merge_time(a: jax.Array) -> jax.Array:
+        return a.swapaxes(0, 1).reshape(rows, length, *a.shape[3:])
+
+    return split_time, repeat_table, merge_time
+
+
 def run_stages(
     layer_fn: LayerFn,
     kv: list[KV],
