@@ -31,14 +31,14 @@ class Replica:
 
 def build_replica(config: Config) -> Replica:
     """Loads weights straight into their shardings, builds the runner (warming every bucket if configured)."""
-    mesh = make_mesh(config.mesh)
-    params = load_serving_params(config, mesh)
-    runner = Runner(config, params=params, mesh=mesh)
-    if config.runner.warmup:
-        logging.info("warming up %d page buckets", len(runner.page_buckets))
-        runner.warmup()
     tokenizer = load_tokenizer(config.tokenizer.path)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer {config.tokenizer.path!r} has {tokenizer.vocab_size} tokens, more than "
                          f"model.vocab_size={config.model.vocab_size}")
+    mesh = make_mesh(config.mesh)
+    params = load_serving_params(config, mesh)
+    runner = Runner(config, params=params, mesh=mesh, sampled_vocab=tokenizer.vocab_size)
+    if config.runner.warmup:
+        logging.info("warming up %d page buckets", len(runner.page_buckets))
+        runner.warmup()
     return Replica(config, runner, tokenizer)

@@ -72,8 +72,12 @@ def page_buckets(max_pages: int) -> tuple[int, ...]:
 class Runner:
     """Compiled prefill/decode over a paged KV pool on a (data, pipeline, tensor) mesh."""
 
-    def __init__(self, config: Config, params: Params | None = None, mesh: Mesh | None = None) -> None:
+    def __init__(self, config: Config, params: Params | None = None, mesh: Mesh | None = None,
+                 sampled_vocab: int | None = None) -> None:
+        """`sampled_vocab` (the tokenizer's size) masks the padding rows a model's vocabulary may carry past it,
+        so sampling can never produce an id the tokenizer does not know."""
         self.config = config
+        self.sampled_vocab = sampled_vocab if sampled_vocab is not None else config.model.vocab_size
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.params = params if params is not None else layout.random_serving_params(config, self.mesh)
         self.local = llama.LocalShapes.of(config.model, config.mesh.tensor)
@@ -162,6 +166,8 @@ class Runner:
         )(params, kv, tokens, positions, slots, block_table, last_index)
         if all_logits:
             return logits, kv
+        if self.sampled_vocab < cfg.vocab_size:
+            logits = jnp.where(jnp.arange(cfg.vocab_size) < self.sampled_vocab, logits, -jnp.inf)
         rows = jnp.arange(tokens.shape[0])
         next_pos = positions[rows, last_index] + 1
         return sample(logits, sampling, next_pos, self.config.runner.max_logprobs), kv
