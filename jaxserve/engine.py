@@ -184,6 +184,11 @@ class Engine:
                 if self._stop.is_set():
                     break
                 self.step()
+            # Cancels queued by a shutdown whose grace period ran out still owe their requests a final output.
+            self._drain_inbox(block=False)
+            for t in list(self._tracked.values()):
+                self.scheduler.abort(t.seq, self.allocator)
+                self._emit_final(t, "cancelled", "the engine stopped")
         except BaseException as e:  # the loop must never die silently: the server watches fatal_error
             logging.exception("engine loop died")
             self.fatal_error = e

@@ -149,3 +149,13 @@ def test_a_full_queue_refuses_more_requests(runner: Runner) -> None:
     engine.submit(Request("b", [1], SamplingOptions()), lambda _: None)
     with pytest.raises(QueueFullError, match="2 requests waiting"):
         engine.submit(Request("c", [1], SamplingOptions()), lambda _: None)
+
+
+def test_shutdown_past_the_grace_period_cancels_what_is_left(runner: Runner) -> None:
+    engine, got = _engine(runner), Collector()
+    for i in range(4):
+        engine.submit(Request(str(i), [256, 5, 6], SamplingOptions(max_tokens=200, ignore_eos=True)), got.sink)
+    assert not engine.shutdown(timeout=0)
+    got.wait(4)
+    assert {got.final(str(i)).finish_reason for i in range(4)} == {"cancelled"}
+    assert engine.allocator.num_used == 0
