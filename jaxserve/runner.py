@@ -29,7 +29,7 @@ from models.attention import TRASH_SLOT
 
 Params = dict[str, Any]
 KVPool = list[tuple[jax.Array, jax.Array]]
-KV_AXES = ("layers", "kv_heads", "kv_slots", "head_dim")
+KV_AXES = ("layers", "kv_pages", "kv_heads", None, "head_dim")
 
 
 @dataclasses.dataclass
@@ -83,6 +83,9 @@ class Runner:
         self.local = llama.LocalShapes.of(config.model, config.mesh.tensor)
         self.kv = self._new_pool()
         self.page_buckets = page_buckets(config.max_pages_per_seq)
+        # A step writes at least two KV rows: XLA copies the whole pool around a one-row update (see write_kv).
+        self.decode_buckets = tuple(sorted({max(2, b) for b in config.runner.batch_buckets}))
+        self.prefill_buckets = tuple(sorted({max(2, t) for t in config.runner.prefill_buckets}))
         self._compiled: dict[tuple[int, int, int, bool], Any] = {}
         self._lock = threading.Lock()
         self.compile_count = 0
@@ -91,7 +94,7 @@ class Runner:
 
     def _new_pool(self) -> KVPool:
         cfg, cache = self.config.model, self.config.cache
-        shape = (self.config.mesh.pipeline, self.local.kv_heads_total, cache.num_pages * cache.page_size,
+        shape = (self.config.mesh.pipeline, cache.num_pages, self.local.kv_heads_total, cache.page_size,
                  cfg.head_dim)
         sharding = NamedSharding(self.mesh, logical_to_spec(KV_AXES))
         zeros = jax.jit(lambda: jnp.zeros(shape, llama.DTYPE[cache.dtype]), out_shardings=sharding)
@@ -112,11 +115,6 @@ class Runner:
         self.kv = self._new_pool()
         return True
 
-    @property
-    def num_slots(self) -> int:
-        """KV slots in the pool (pages * page_size); slot 0's page is the trash page."""
-        return self.config.cache.num_pages * self.config.cache.page_size
-
     # ----- the step function (pure) -----
 
     def _forward_local(self, params: Params, kv: KVPool, tokens: jax.Array, positions: jax.Array,
@@ -135,7 +133,7 @@ class Runner:
         split, split_table, merge = microbatching(tokens.shape[0], tokens.shape[1], micro)
         steps = llama.StepInputs(split(positions), split(slots), split_table(block_table), split(cos), split(sin))
 
-        layer = llama.DecoderLayer(cfg, self.local, self.config.cache.page_size, tensor_axis)
+        layer = llama.DecoderLayer(cfg, self.local, tensor_axis)
 
         def layer_fn(j: int, h: jax.Array, kv_j: tuple[jax.Array, jax.Array], s: llama.StepInputs):
             return layer.apply({"params": layers[j]}, h, kv_j, s)
@@ -192,11 +190,10 @@ class Runner:
 
     def warmup(self) -> None:
         """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use."""
-        r = self.config.runner
         for pages in self.page_buckets:
-            for rows in r.batch_buckets:
+            for rows in self.decode_buckets:
                 self._executable(rows, 1, pages, False)
-            for length in r.prefill_buckets:
+            for length in self.prefill_buckets:
                 self._executable(1, length, pages, False)
 
     # ----- running -----
@@ -205,9 +202,11 @@ class Runner:
         r = self.config.runner
         b, t = batch.tokens.shape
         n = batch.block_table.shape[1]
-        # Prefill of a single sequence (the common case) must not pay for padded rows.
-        rows = _bucket(b, r.batch_buckets if decode or b > 1 else (1,), "batch rows")
-        length = 1 if decode else _bucket(t, r.prefill_buckets, "prefill chunk length")
+        if decode:
+            rows, length = _bucket(b, self.decode_buckets, "batch rows"), 1
+        else:
+            rows = 1 if b == 1 else _bucket(b, r.batch_buckets, "batch rows")  # one sequence pays for no padding
+            length = _bucket(t, self.prefill_buckets, "prefill chunk length")
         pages = _bucket(n, self.page_buckets, "pages per sequence")
 
         def pad(a: np.ndarray, shape: tuple[int, ...], fill: float, dtype: Any) -> np.ndarray:

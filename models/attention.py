@@ -1,7 +1,8 @@
 """Paged attention: write this step's keys and values into the KV pool, then attend over a sequence's pages.
 
-One function serves prefill chunks and decode (decode is a chunk of one token), so chunked prefill and prefix reuse
-need no second code path. Pure JAX; pages are addressed through block tables built by the KV allocator.
+One function serves prefill chunks and decode (decode is a chunk of one token, with a layout-specialised inner
+step), so chunked prefill and prefix reuse need no second code path. Pure JAX; pages are addressed through block
+tables built by the KV allocator.
 """
 
 from __future__ import annotations
@@ -14,26 +15,33 @@ TRASH_SLOT = 0
 
 
 def write_kv(pool: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Scatters new keys or values into the pool.
+    """Scatters new keys or values into the pool (in place when the pool is donated).
 
-    pool: [kv_heads, num_slots, head_dim] (num_slots = num_pages * page_size); new: [B, T, kv_heads, head_dim];
-    slots: [B, T] flat slot index (page * page_size + offset), TRASH_SLOT for padding.
+    pool: [num_pages, kv_heads, page_size, head_dim]; new: [B, T, kv_heads, head_dim]; slots: [B, T] flat slot
+    index (page * page_size + offset), TRASH_SLOT for padding. B * T must be at least 2: XLA rewrites a one-row
+    scatter as a guarded dynamic-update-slice that it then copies the whole pool for (the runner pads decode to
+    two rows).
     """
     b, t, h, d = new.shape
-    rows = new.reshape(b * t, h, d).transpose(1, 0, 2).astype(pool.dtype)  # [H, B*T, D]
-    return pool.at[:, slots.reshape(b * t)].set(rows, mode="promise_in_bounds")
+    page_size = pool.shape[2]
+    flat = slots.reshape(b * t)
+    rows = new.reshape(b * t, h, d).astype(pool.dtype)
+    return pool.at[flat // page_size, :, flat % page_size].set(rows, mode="promise_in_bounds")
 
 
-def gather_pages(pool: jax.Array, block_table: jax.Array, page_size: int) -> jax.Array:
-    """Reads the pages a batch uses: [H, num_slots, D] -> [H, B, pages * page_size, D] in sequence order.
+def gather_pages(pool: jax.Array, block_table: jax.Array) -> jax.Array:
+    """Reads the pages a batch uses: [num_pages, H, page_size, D] -> [B, n, H, page_size, D].
 
-    Heads lead both the pool and the result so the attention matmuls batch over (head, row) with no transpose of
-    the keys and values (a [B, S, H, D] context decoded ~3x slower on XLA:CPU).
+    Each page is one contiguous block of the pool, so this is a plain row gather (XLA:CPU's fast case).
     """
-    h, num_slots, d = pool.shape
-    pages = pool.reshape(h, num_slots // page_size, page_size, d)[:, block_table]  # [H, B, n, page_size, D]
-    b, n = block_table.shape
-    return pages.reshape(h, b, n * page_size, d)
+    return pool[block_table]
+
+
+def _allowed(key_pos: jax.Array, q_pos: jax.Array, sliding_window: int) -> jax.Array:
+    allowed = key_pos <= q_pos
+    if sliding_window:
+        allowed &= key_pos > q_pos - sliding_window
+    return allowed
 
 
 def paged_attention(
@@ -42,27 +50,47 @@ def paged_attention(
     v_pool: jax.Array,
     block_table: jax.Array,
     positions: jax.Array,
-    page_size: int,
     sliding_window: int = 0,
 ) -> jax.Array:
     """Causal grouped-query attention of a chunk of queries over the pages of their sequences.
 
-    q: [B, T, Hkv, G, D] (G query heads per KV head); k_pool, v_pool: [Hkv, num_slots, D] already holding this
-    chunk's keys; block_table: [B, n] page ids; positions: [B, T] absolute position of each query (-1 for padding).
-    Returns [B, T, Hkv, G, D]. Key j of the gathered context is at absolute position j, so the causal mask is
-    simply j <= position; pages past a sequence's end are masked by the same test.
+    q: [B, T, Hkv, G, D] (G query heads per KV head); k_pool, v_pool: [num_pages, Hkv, page_size, D] already
+    holding this chunk's keys (reading the updated pool keeps XLA's update in place); block_table: [B, n] page ids;
+    positions: [B, T] absolute position of each query (-1 for padding). Returns [B, T, Hkv, G, D]. Key j of the
+    gathered context is at absolute position j, so the causal mask is simply j <= position; pages past a
+    sequence's end are masked by the same test.
     """
-    k = gather_pages(k_pool, block_table, page_size)  # [Hkv, B, S, D]
-    v = gather_pages(v_pool, block_table, page_size)
-    q = q.transpose(2, 0, 1, 3, 4)  # [Hkv, B, T, G, D]
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("kbtgd,kbsd->kbtgs", q, k, preferred_element_type=jnp.float32) * scale
-    key_pos = jnp.arange(k.shape[2])[None, None, :]  # [1, 1, S]
-    q_pos = positions[:, :, None]  # [B, T, 1]
-    allowed = key_pos <= q_pos
-    if sliding_window:
-        allowed &= key_pos > q_pos - sliding_window
-    scores = jnp.where(allowed[None, :, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    k = gather_pages(k_pool, block_table)  # [B, n, Hkv, page_size, D]
+    v = gather_pages(v_pool, block_table)
+    if q.shape[1] == 1:
+        return _decode_attention(q, k, v, positions, sliding_window)
+    b, n, h, p, d = k.shape
+    k = k.transpose(0, 2, 1, 3, 4).reshape(b, h, n * p, d)  # [B, Hkv, S, D]
+    v = v.transpose(0, 2, 1, 3, 4).reshape(b, h, n * p, d)
+    scores = jnp.einsum("btkgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    allowed = _allowed(jnp.arange(n * p)[None, None, :], positions[:, :, None], sliding_window)  # [B, T, S]
+    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("kbtgs,kbsd->kbtgd", probs, v)
-    return out.transpose(1, 2, 0, 3, 4)
+    return jnp.einsum("bktgs,bksd->btkgd", probs, v)
+
+
+def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, sliding_window: int
+                      ) -> jax.Array:
+    """One query per row, computed page by page as batched matmuls over (row, page, head).
+
+    Uses the gathered pages [B, n, Hkv, page_size, D] in the layout the gather produced: no transpose copies of
+    the keys or values, which on XLA:CPU cost more than the attention arithmetic itself.
+    """
+    b, n, h, p, d = k.shape
+    groups = q.shape[3]
+    qb = jnp.broadcast_to(q[:, 0][:, None], (b, n, h, groups, d))  # [B, n, Hkv, G, D]
+    batch = ((0, 1, 2), (0, 1, 2))
+    scores = jax.lax.dot_general(qb, k, (((4,), (4,)), batch), preferred_element_type=jnp.float32) * d ** -0.5
+    key_pos = jnp.arange(n * p).reshape(n, p)[None]  # [1, n, p]
+    allowed = _allowed(key_pos, positions[:, :1, None], sliding_window)  # [B, n, p]
+    scores = jnp.where(allowed[:, :, None, None, :], scores, jnp.finfo(jnp.float32).min)  # [B, n, Hkv, G, p]
+    top = jnp.max(scores, axis=(1, 4), keepdims=True)
+    weights = jnp.exp(scores - top)
+    probs = (weights / jnp.sum(weights, axis=(1, 4), keepdims=True)).astype(v.dtype)
+    out = jax.lax.dot_general(probs, v, (((4,), (3,)), batch))  # [B, n, Hkv, G, D]
+    return jnp.sum(out, axis=1)[:, None]  # [B, 1, Hkv, G, D]

@@ -153,7 +153,6 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     local: LocalShapes
-    page_size: int
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs
@@ -176,7 +175,7 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         groups = loc.num_heads // loc.num_kv_heads
         out = paged_attention(q.reshape(b, t, loc.num_kv_heads, groups, hd), k_pool, v_pool, step.block_table,
-                              step.positions, self.page_size, cfg.sliding_window)
+                              step.positions, cfg.sliding_window)
         out = out.reshape(b, t, loc.num_heads, hd)
         y = Projection((loc.num_heads, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype,
                        name="o_proj")(out)
@@ -205,7 +204,6 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     local: LocalShapes
-    page_size: int
     tensor_axis: str | None
 
     @nn.compact
@@ -215,7 +213,7 @@ class DecoderLayer(nn.Module):
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
-            h, kv = Attention(cfg, self.local, self.page_size, name="attn")(h, kv, step)
+            h, kv = Attention(cfg, self.local, name="attn")(h, kv, step)
             x = x + self._all_reduce(h)
         with jax.named_scope("mlp"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
@@ -228,9 +226,9 @@ class DecoderLayer(nn.Module):
         return jax.lax.psum(partial.astype(jnp.float32), self.tensor_axis).astype(partial.dtype)
 
 
-def declare_layer(cfg: ModelConfig, tensor: int = 1, page_size: int = 16) -> DecoderLayer:
+def declare_layer(cfg: ModelConfig, tensor: int = 1) -> DecoderLayer:
     """The decoder layer module with this device's local sizes."""
-    return DecoderLayer(cfg, LocalShapes.of(cfg, tensor), page_size, None)
+    return DecoderLayer(cfg, LocalShapes.of(cfg, tensor), None)
 
 
 def _abstract_layer(cfg: ModelConfig) -> Params:
@@ -238,7 +236,7 @@ def _abstract_layer(cfg: ModelConfig) -> Params:
     layer = declare_layer(cfg)
     hd = cfg.head_dim
     x = jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), DTYPE[cfg.dtype])
-    pool = jax.ShapeDtypeStruct((cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
+    pool = jax.ShapeDtypeStruct((1, cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
     i32 = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     f = jax.ShapeDtypeStruct((1, 1, hd), jnp.float32)
     step = StepInputs(i32, i32, i32, f, f)
@@ -286,7 +284,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     hd = cfg.head_dim
     layer = declare_layer(cfg)
     x = jnp.zeros((1, 1, cfg.hidden_size), DTYPE[cfg.dtype])
-    pool = jnp.zeros((cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
+    pool = jnp.zeros((1, cfg.num_kv_heads, 16, hd), DTYPE[cfg.dtype])
     zeros = jnp.zeros((1, 1), jnp.int32)
     tab = jnp.zeros((1, 1, hd), jnp.float32)
     step = StepInputs(zeros, zeros, zeros, tab, tab)

@@ -58,8 +58,7 @@ def test_compile_count_stays_flat_after_warmup() -> None:
     runner = Runner(load_config("configs/tiny.toml", ["runner.max_seq_len=96"]))
     runner.warmup()
     warm = runner.compile_count
-    assert warm == len(runner.page_buckets) * (len(runner.config.runner.batch_buckets)
-                                               + len(runner.config.runner.prefill_buckets))
+    assert warm == len(runner.page_buckets) * (len(runner.decode_buckets) + len(runner.prefill_buckets))
     rng = np.random.RandomState(0)
     for _ in range(50):
         rows = rng.randint(1, 9)

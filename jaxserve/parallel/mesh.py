@@ -27,7 +27,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
-    "kv_slots": None,
+    "kv_pages": None,
     "batch": None,
 }
 
