@@ -3,7 +3,8 @@
 For each config and batch size: fill `--context` tokens of KV per row, then time `--steps` decode steps through
 `Runner.decode` exactly as the engine calls it (one device-to-host read of the sampled ids per step).
 MBU = (bytes of weights + KV read per step) / step time / measured bandwidth, where the bandwidth is that of a
-jitted float32 reduction over `--bandwidth_gib` GiB on the same devices, measured in the same run.
+jitted float32 reduction over `--bandwidth_gib` GiB on the same devices, measured in the same run. The last column
+is the rate at which plain jitted matmuls of that batch size read their weights here: the practical ceiling.
 
     python benchmarks/decode_mbu.py --configs configs/default.toml,configs/bench-110m.toml --batches 1,8,32
 """
@@ -43,6 +44,25 @@ def measure_bandwidth(gib: float) -> float:
         total(x).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return x.nbytes / best
+
+
+def measure_matmul_bandwidth(rows: int, width: int = 768, depth: int = 36) -> float:
+    """Bytes/s at which a chain of jitted [rows, width] x [width, 4 * width] float32 matmuls reads its weights.
+
+    The ceiling the decode's weight reads can reach at this batch size with the machine's matmul kernels; on some
+    CPUs small-M matmuls stream weights at well under the reduction bandwidth.
+    """
+    keys = jax.random.split(jax.random.key(0), depth)
+    weights = [jax.random.normal(k, (width, 4 * width), jnp.float32) for k in keys]
+    x = jnp.ones((rows, width), jnp.float32)
+    chain = jax.jit(lambda ws, x: sum(jnp.sum(x @ w) for w in ws))
+    chain(weights, x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        chain(weights, x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return sum(w.nbytes for w in weights) / best
 
 
 def _param_bytes(runner: Runner) -> int:
@@ -97,15 +117,17 @@ def main(argv: list[str]) -> None:
         weights = _param_bytes(runner)
         print(f"\n{config.model.name}: {weights / 1e6:.1f} MB of weights ({config.model.param_dtype}), "
               f"context {FLAGS.context}")
-        print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'MB read':>8} {'MBU':>6}")
+        print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'MB read':>8} {'MBU':>6} {'matmul GB/s':>12}")
         for rows in batches:
             seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps)
             read = weights + _kv_bytes_read(config, rows, FLAGS.context)
             mbu = read / seconds / bandwidth
-            print(f"{rows:>5} {seconds * 1e3:>8.2f} {rows / seconds:>8.1f} {read / 1e6:>8.1f} {mbu:>6.1%}")
+            matmul = measure_matmul_bandwidth(rows)
+            print(f"{rows:>5} {seconds * 1e3:>8.2f} {rows / seconds:>8.1f} {read / 1e6:>8.1f} {mbu:>6.1%} "
+                  f"{matmul / 1e9:>12.1f}")
             results.append({"model": config.model.name, "batch": rows, "step_ms": seconds * 1e3,
                             "tokens_per_s": rows / seconds, "bytes_per_step": read, "mbu": mbu,
-                            "bandwidth_gbs": bandwidth / 1e9})
+                            "bandwidth_gbs": bandwidth / 1e9, "matmul_gbs": matmul / 1e9})
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(results, f, indent=1)

@@ -115,6 +115,8 @@ class Engine:
         self._count_lock = threading.Lock()
         self._accepting = True
         self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._loop_done = False
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.metrics.kv_pages_total.set(self.allocator.num_usable)
@@ -154,6 +156,11 @@ class Engine:
         """Refuses new submissions from now on; in-flight requests continue."""
         self._accepting = False
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Blocks until every submitted request has finished (or the loop died); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._loop_done or not self.num_unfinished, timeout)
+
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stops taking requests, lets in-flight ones finish for up to `timeout` seconds, cancels the rest, stops.
 
@@ -161,14 +168,10 @@ class Engine:
         """
         self._accepting = False
         deadline = None if timeout is None else time.monotonic() + timeout
-        drained = True
-        while self.is_alive and self.num_unfinished:
-            if deadline is not None and time.monotonic() >= deadline:
-                drained = False
-                for rid in list(self._tracked):
-                    self.cancel(rid)
-                break
-            time.sleep(0.01)
+        drained = self.wait_idle(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not drained:
+            for rid in list(self._tracked):
+                self.cancel(rid)
         self._stop.set()
         self._inbox.put(("wake", None))
         if self._thread is not None:
@@ -194,12 +197,27 @@ class Engine:
             self.fatal_error = e
             for t in list(self._tracked.values()):
                 self._emit_final(t, "error", f"engine failure: {e}")
+        finally:
+            with self._idle:
+                self._loop_done = True
+                self._idle.notify_all()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        try:
+            self._handle_inbox(item)
+        finally:
+            self._notify_if_idle()
+
+    def _notify_if_idle(self) -> None:
+        if not self.num_unfinished:
+            with self._idle:
+                self._idle.notify_all()
+
+    def _handle_inbox(self, item: tuple[str, object]) -> None:
         while True:
             kind, payload = item
             if kind == "submit":
@@ -386,3 +404,4 @@ class Engine:
         self.metrics.e2e.observe(time.monotonic() - seq.arrival_time)
         usage = Usage(len(seq.prompt_token_ids), seq.num_output_tokens)
         t.sink(RequestOutput(seq.request_id, token_ids or [], text, logprobs or [], reason, error, usage))
+        self._notify_if_idle()
