@@ -55,6 +55,9 @@ class ModelConfig:
     sliding_window: int = 0
     bos_token_id: int = -1
     eos_token_ids: tuple[int, ...] = ()
+    # Ids at or past this are padding rows of the embedding (vocab padded for sharding) and are never sampled;
+    # 0 samples the whole vocabulary.
+    sampled_vocab_size: int = 0
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -73,6 +76,8 @@ class ModelConfig:
         _require(self.sliding_window >= 0, "model.sliding_window", f"must be >= 0, got {self.sliding_window}")
         _require(self.bos_token_id < self.vocab_size, "model.bos_token_id",
                  f"must be < vocab_size={self.vocab_size}, got {self.bos_token_id}")
+        _require(0 <= self.sampled_vocab_size <= self.vocab_size, "model.sampled_vocab_size",
+                 f"must be in [0, vocab_size={self.vocab_size}], got {self.sampled_vocab_size}")
         for t in self.eos_token_ids:
             _require(0 <= t < self.vocab_size, "model.eos_token_ids", f"{t} is outside [0, {self.vocab_size})")
         _require(self.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")

@@ -37,7 +37,7 @@ def build_replica(config: Config) -> Replica:
                          f"model.vocab_size={config.model.vocab_size}")
     mesh = make_mesh(config.mesh)
     params = load_serving_params(config, mesh)
-    runner = Runner(config, params=params, mesh=mesh, sampled_vocab=tokenizer.vocab_size)
+    runner = Runner(config, params=params, mesh=mesh)
     if config.runner.warmup:
         logging.info("warming up %d page buckets", len(runner.page_buckets))
         runner.warmup()

@@ -72,12 +72,10 @@ def page_buckets(max_pages: int) -> tuple[int, ...]:
 class Runner:
     """Compiled prefill/decode over a paged KV pool on a (data, pipeline, tensor) mesh."""
 
-    def __init__(self, config: Config, params: Params | None = None, mesh: Mesh | None = None,
-                 sampled_vocab: int | None = None) -> None:
-        """`sampled_vocab` (the tokenizer's size) masks the padding rows a model's vocabulary may carry past it,
-        so sampling can never produce an id the tokenizer does not know."""
+    def __init__(self, config: Config, params: Params | None = None, mesh: Mesh | None = None) -> None:
         self.config = config
-        self.sampled_vocab = sampled_vocab if sampled_vocab is not None else config.model.vocab_size
+        # Padding rows of the vocabulary (model.sampled_vocab_size) are masked so they can never be sampled.
+        self.sampled_vocab = config.model.sampled_vocab_size or config.model.vocab_size
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.params = params if params is not None else layout.random_serving_params(config, self.mesh)
         self.local = llama.LocalShapes.of(config.model, config.mesh.tensor)

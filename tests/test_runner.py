@@ -79,9 +79,8 @@ def test_same_seed_gives_same_sample_whatever_the_batch() -> None:
     assert generate(runner, [PROMPTS[0]], [GenerationOptions(max_tokens=12, temperature=1.0, seed=8)])[0] != alone
 
 
-def test_ids_past_the_tokenizer_vocabulary_are_never_sampled() -> None:
-    config = load_config("configs/tiny.toml", ["runner.warmup=false"])
-    runner = Runner(config, sampled_vocab=10)
+def test_padding_ids_past_sampled_vocab_size_are_never_sampled() -> None:
+    runner = Runner(load_config("configs/tiny.toml", ["runner.warmup=false", "model.sampled_vocab_size=10"]))
     opts = [GenerationOptions(max_tokens=20, temperature=2.0, seed=s) for s in range(4)]
     for out in generate(runner, [PROMPTS[0]] * 4, opts):
         assert max(out) < 10
