@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from jaxserve.outputs import TokenLogprob, Usage
 from jaxserve.proto import jaxserve_pb2, jaxserve_pb2_grpc
 
 _FINISH_REASONS = {
@@ -25,23 +26,6 @@ _FINISH_REASONS = {
     jaxserve_pb2.FINISH_REASON_CANCELLED: "cancelled",
     jaxserve_pb2.FINISH_REASON_ERROR: "error",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Token counts of a finished request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability and the top alternatives [(token id, logprob)], best first."""
-
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from absl import logging
 from jaxserve.config import Config
 from jaxserve.kv.pages import PageAllocator, block_table_array, pages_for, slots_for
 from jaxserve.metrics import Metrics
+from jaxserve.outputs import TokenLogprob, Usage
 from jaxserve.runner import Runner, StepBatch
 from jaxserve.sampling import Sampled
 from jaxserve.scheduler import Chunk, Scheduler, SchedulerConfig, StepPlan
@@ -44,23 +45,6 @@ class Request:
     prompt_token_ids: list[int]
     options: SamplingOptions
     priority: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """The sampled token's logprob and the top alternatives [(token id, logprob)]."""
-
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Token counts of a finished request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

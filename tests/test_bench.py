@@ -33,9 +33,10 @@ from jaxserve.bench.workload import (
     multiturn_workload,
     synthetic_workload,
 )
-from jaxserve.client import Delta, Usage
+from jaxserve.client import Delta
 from jaxserve.config import load_config
 from jaxserve.engine import Engine
+from jaxserve.outputs import Usage
 from jaxserve.runner import Runner
 from jaxserve.server.app import BackgroundServer, Server
 from jaxserve.tokenizer import ByteTokenizer

@@ -15,7 +15,8 @@ import uuid
 from collections.abc import Callable
 from types import TracebackType
 
-from jaxserve.engine import Engine, Request, RequestOutput, Usage
+from jaxserve.engine import Engine, Request, RequestOutput
+from jaxserve.outputs import Usage
 from jaxserve.server.status import DuplicateRequestError, UnavailableError
 
 
