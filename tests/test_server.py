@@ -419,6 +419,7 @@ def test_sigterm_drains_an_inflight_stream_and_exits_0(tmp_path: os.PathLike) ->
     proc = subprocess.Popen([*command, "--config", CONFIG, "--set", "runner.warmup=false", "--port", "0",
                              "--grace_period_s", "60"], stdout=subprocess.PIPE, stderr=log, text=True)
     try:
+        assert "starting tiny" in proc.stdout.readline()
         line = proc.stdout.readline()
         assert "serving tiny on 127.0.0.1:" in line, f"no ready line; log:\n{open(log.name).read()}"
         with grpc.insecure_channel(f"127.0.0.1:{int(line.rsplit(':', 1)[1])}") as ch:
@@ -436,3 +437,20 @@ def test_sigterm_drains_an_inflight_stream_and_exits_0(tmp_path: os.PathLike) ->
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_sigterm_during_warmup_exits_0_at_once(tmp_path: os.PathLike) -> None:
+    script = shutil.which("jaxserve-serve", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "jaxserve.cli.serve"]
+    with open(os.path.join(tmp_path, "serve.log"), "w+") as log:
+        proc = subprocess.Popen([*command, "--config", CONFIG, "--set", "runner.warmup=true", "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            assert "starting tiny" in proc.stdout.readline()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(TIMEOUT) == 0
+            assert "serving tiny" not in proc.stdout.read()  # it stopped before warm-up could finish
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

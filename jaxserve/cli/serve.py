@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from checkpoints.hf import CheckpointError
 from checkpoints.orbax_io import load_serving_params
@@ -88,9 +88,19 @@ def load_serving_config() -> Config:
         raise app.UsageError(f"bad config: {e}") from e
 
 
+def _exit_during_startup() -> None:
+    """Stops a server still warming up: nothing is in flight yet (health says NOT_SERVING), and the compiler thread
+    cannot be interrupted, so a clean exit is an immediate one."""
+    logging.info("stop requested during start-up: exiting")
+    os._exit(0)
+
+
 async def _serve(server: Server) -> int:
-    port = await server.start()
     loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _exit_during_startup)
+    print(f"jaxserve-serve: starting {server.config.model.name}", flush=True)
+    port = await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     print(f"jaxserve-serve: serving {server.config.model.name} on {server.config.server.host}:{port}", flush=True)
