@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+import inprocess_server
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -27,7 +28,7 @@ from jaxserve.engine import Engine
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.proto import jaxserve_pb2, jaxserve_pb2_grpc, jetstream_pb2, jetstream_pb2_grpc
 from jaxserve.runner import Runner
-from jaxserve.server.app import BackgroundServer, Server
+from jaxserve.server.app import BackgroundServer
 from jaxserve.tokenizer import ByteTokenizer
 
 CONFIG = "configs/tiny.toml"
@@ -44,16 +45,9 @@ def runner() -> Runner:
     return Runner(load_config(CONFIG, ["runner.warmup=false"]))
 
 
-@contextlib.contextmanager
-def serving(runner: Runner, *overrides: str) -> Iterator[BackgroundServer]:
-    """A started server over `runner`; overrides may change the engine and server sections only."""
-    config = load_config(CONFIG, [*BASE, *overrides])
-    server = BackgroundServer(Server(config, Engine(config, runner, TOK), TOK))
-    server.start(timeout=TIMEOUT)
-    try:
-        yield server
-    finally:
-        server.stop(timeout=TIMEOUT)
+def serving(runner: Runner, *overrides: str) -> contextlib.AbstractContextManager[BackgroundServer]:
+    """A started server over `runner` with this module's limits; overrides may change engine and server only."""
+    return inprocess_server.serving(runner, CONFIG, [*BASE, *overrides])
 
 
 @pytest.fixture(scope="module")

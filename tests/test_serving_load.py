@@ -5,33 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 
+import inprocess_server
 import numpy as np
 import pytest
 
 from jaxserve.client import AsyncClient
 from jaxserve.config import load_config
-from jaxserve.engine import Engine
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.runner import Runner
-from jaxserve.server.app import BackgroundServer, Server
-from jaxserve.tokenizer import ByteTokenizer
+from jaxserve.server.app import BackgroundServer
 
 CONFIG = "configs/tiny.toml"
-TOK = ByteTokenizer()
 TIMEOUT = 300
 
 
-@contextlib.contextmanager
-def serving(runner: Runner, *overrides: str) -> Iterator[BackgroundServer]:
-    config = load_config(CONFIG, ["server.port=0", "engine.max_waiting=1000", *overrides])
-    server = BackgroundServer(Server(config, Engine(config, runner, TOK), TOK))
-    server.start(timeout=TIMEOUT)
-    try:
-        yield server
-    finally:
-        server.stop(timeout=TIMEOUT)
+def serving(runner: Runner, *overrides: str) -> contextlib.AbstractContextManager[BackgroundServer]:
+    return inprocess_server.serving(runner, CONFIG, ["engine.max_waiting=1000", *overrides])
 
 
 @pytest.fixture(scope="module")
