@@ -47,7 +47,8 @@ class Delta:
             request_id=msg.request_id, token_ids=list(msg.token_ids), text=msg.text,
             logprobs=[TokenLogprob(lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for lp in msg.logprobs],
             finish_reason=_FINISH_REASONS[msg.finish_reason], error=msg.error,
-            usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_tokens)
+            usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_tokens,
+                        msg.usage.cached_device_tokens, msg.usage.cached_host_tokens, msg.usage.cached_disk_tokens)
             if msg.HasField("usage") else None)
 
 

@@ -117,17 +117,36 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV pool on the device."""
+    """The paged KV pool on the device and the prefix cache tiered below it (host DRAM, then local disk)."""
 
     page_size: int = 16
     num_pages: int = 256
     dtype: str = "float32"
+    # Reuse the KV of full pages across requests that share a prefix (a hash chain over page tokens). Off also
+    # turns off the host and disk tiers, which only hold prefix pages.
+    prefix_caching: bool = True
+    # Host DRAM for pages evicted from the device (and swapped-out sequences); 0 disables the host tier.
+    host_bytes: int = 1 << 30
+    # A directory for pages evicted from the host; "" disables the disk tier. Pages live in a subdirectory named
+    # after the cache salt (model, weights, layout), so a restart with the same model reuses them, and disk_bytes
+    # caps each such subdirectory.
+    disk_path: str = ""
+    disk_bytes: int = 8 << 30
+    # Mixed into every page key: servers with different salts (e.g. adapters, tenants) never share pages.
+    salt: str = ""
 
     def __post_init__(self) -> None:
         _require(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0, "cache.page_size",
                  f"must be a power of two, got {self.page_size}")
         _require(self.num_pages >= 2, "cache.num_pages", f"must be >= 2 (page 0 is reserved), got {self.num_pages}")
         _require(self.dtype in DTYPES, "cache.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.host_bytes >= 0, "cache.host_bytes", f"must be >= 0, got {self.host_bytes}")
+        _require(self.disk_bytes >= 0, "cache.disk_bytes", f"must be >= 0, got {self.disk_bytes}")
+
+    @property
+    def has_host_tier(self) -> bool:
+        """Whether pages leave the device at all (a disk tier sits behind a host tier, possibly of size 0)."""
+        return self.prefix_caching and (self.host_bytes > 0 or bool(self.disk_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +186,10 @@ class EngineConfig:
     max_step_tokens: int = 512
     # Requests queued beyond this are refused (RESOURCE_EXHAUSTED at the server).
     max_waiting: int = 256
-    preemption: str = "recompute"
+    # "swap" keeps a preempted sequence's KV (needs a host tier), "recompute" prefills it again, "auto" swaps
+    # sequences that computed at least swap_min_tokens (a shorter one is cheaper to recompute than to copy).
+    preemption: str = "auto"
+    swap_min_tokens: int = 64
     # "static" runs each batch to its last token before admitting more (a baseline for benchmarks).
     batching: str = "continuous"
 
@@ -176,8 +198,9 @@ class EngineConfig:
                  f"must be 'continuous' or 'static', got {self.batching!r}")
         _require(self.max_step_tokens > 0, "engine.max_step_tokens", f"must be > 0, got {self.max_step_tokens}")
         _require(self.max_waiting > 0, "engine.max_waiting", f"must be > 0, got {self.max_waiting}")
-        _require(self.preemption in ("recompute",), "engine.preemption",
-                 f"must be 'recompute', got {self.preemption!r}")
+        _require(self.preemption in ("auto", "swap", "recompute"), "engine.preemption",
+                 f"must be 'auto', 'swap' or 'recompute', got {self.preemption!r}")
+        _require(self.swap_min_tokens >= 0, "engine.swap_min_tokens", f"must be >= 0, got {self.swap_min_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ all sampled ids back in one device-to-host transfer, append tokens, check stops,
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import random
 import threading
@@ -19,7 +20,9 @@ import numpy as np
 from absl import logging
 
 from jaxserve.config import Config
+from jaxserve.kv.cache import KVCache
 from jaxserve.kv.pages import PageAllocator, block_table_array, pages_for, slots_for
+from jaxserve.kv.tiers import DiskTier, HostTier
 from jaxserve.metrics import Metrics
 from jaxserve.outputs import TokenLogprob, Usage
 from jaxserve.runner import Runner, StepBatch
@@ -88,8 +91,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch=r.max_batch, max_step_tokens=config.engine.max_step_tokens, max_chunk=r.max_chunk,
             max_seq_len=r.max_seq_len, preemption=config.engine.preemption,
-            static_batching=config.engine.batching == "static"))
-        self.allocator = PageAllocator(config.cache.num_pages, config.cache.page_size)
+            swap_min_tokens=config.engine.swap_min_tokens, static_batching=config.engine.batching == "static"))
+        self.cache = self._build_cache()
         self.eos_ids = frozenset(config.model.eos_token_ids)
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._waiting: list[Sequence] = []
@@ -104,7 +107,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.metrics.kv_pages_total.set(self.allocator.num_usable)
+        for tier, capacity in (("host", self.cache.host), ("disk", self.cache.disk)):
+            if capacity is not None:
+                self.metrics.kv_tier_capacity_bytes.labels(tier).set(capacity.capacity_pages * capacity.page_bytes)
 
+    def _build_cache(self) -> KVCache:
+        c, runner = self.config.cache, self.runner
+        salt = runner.cache_salt() if c.prefix_caching else b""
+        host = disk = None
+        if c.has_host_tier:
+            if c.disk_path:
+                # One subdirectory per salt: models (or layouts) sharing a disk path never touch each other's pages.
+                disk = DiskTier(os.path.join(c.disk_path, salt.hex()), c.disk_bytes, runner.page_shape,
+                                runner.page_dtype)
+            host = HostTier(c.host_bytes, runner.page_bytes, spill=disk.put if disk is not None else None)
+        return KVCache(PageAllocator(c.num_pages, c.page_size), prefix_caching=c.prefix_caching, salt=salt,
+                       host=host, disk=disk,
+                       mover=runner if host is not None else None, page_bytes=runner.page_bytes, metrics=self.metrics)
+
+    @property
+    def allocator(self) -> PageAllocator:
+        """The device page allocator (read it only on the loop thread or when the engine is idle)."""
+        return self.cache.allocator
     # ----- the thread-safe surface -----
 
     def start(self) -> None:
@@ -140,6 +164,23 @@ class Engine:
         """Refuses new submissions from now on; in-flight requests continue."""
         self._accepting = False
 
+    def evict_cache(self, tier: str, timeout: float | None = 60.0) -> None:
+        """Pushes every cached page not in use below `tier` ("device": to the host tier; "host": down to disk) and
+        waits until it is done; benchmarks and tests use it to measure each tier's hits."""
+        if tier not in ("device", "host"):
+            raise ValueError(f"tier: must be 'device' or 'host', got {tier!r}")
+        done = threading.Event()
+
+        def evict() -> None:
+            self.cache.evict_device()
+            if tier == "host":
+                self.cache.spill_host()
+            done.set()
+
+        self._inbox.put(("call", evict))
+        if not done.wait(timeout):
+            raise TimeoutError(f"evicting the {tier} tier did not finish within {timeout} s")
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Blocks until every submitted request has finished (or the loop died); False on timeout."""
         with self._idle:
@@ -174,8 +215,9 @@ class Engine:
             # Cancels queued by a shutdown whose grace period ran out still owe their requests a final output.
             self._drain_inbox(block=False)
             for t in list(self._tracked.values()):
-                self.scheduler.abort(t.seq, self.allocator)
+                self.scheduler.abort(t.seq, self.cache)
                 self._emit_final(t, "cancelled", "the engine stopped")
+            self.cache.close()
         except BaseException as e:  # the loop must never die silently: the server watches fatal_error
             logging.exception("engine loop died")
             self.fatal_error = e
@@ -208,6 +250,8 @@ class Engine:
                 self._admit(*payload)  # type: ignore[misc]
             elif kind == "cancel":
                 self._cancel(payload)  # type: ignore[arg-type]
+            elif kind == "call":
+                payload()  # type: ignore[operator]
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -225,13 +269,14 @@ class Engine:
             return
         self._tracked[seq.request_id] = _Tracked(seq, sink, detok)
         self._waiting.append(seq)
+        self.cache.prefetch(seq)
         self.metrics.prompt_tokens.inc(len(seq.prompt_token_ids))
 
     def _cancel(self, request_id: str) -> None:
         t = self._tracked.get(request_id)
         if t is None:
             return
-        self.scheduler.abort(t.seq, self.allocator)
+        self.scheduler.abort(t.seq, self.cache)
         self._emit_final(t, "cancelled")
 
     def _release_queue_slot(self) -> None:
@@ -240,7 +285,7 @@ class Engine:
 
     def step(self) -> None:
         """Plans and runs one step (called on the loop thread; tests may call it directly when not started)."""
-        plan = self.scheduler.plan(self._waiting, self._running, self.allocator)
+        plan = self.scheduler.plan(self._waiting, self._running, self.cache)
         self._waiting, self._running = plan.waiting, plan.running
         now = time.monotonic()
         for seq in plan.finished:
@@ -258,11 +303,13 @@ class Engine:
             except Exception as e:
                 self._fail_step(plan, e)
             else:
+                self.cache.publish()
                 self._postprocess(plan, sampled)
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.kv_pages_used.set(self.allocator.num_used)
         self.metrics.compilations.set(self.runner.compile_count)
+        self.cache.report()
 
     def _batch(self, chunks: list[Chunk]) -> StepBatch:
         ps = self.config.cache.page_size
@@ -300,12 +347,14 @@ class Engine:
         for chunk in plan.decode + plan.prefill:
             t = self._tracked.get(chunk.seq.request_id)
             if t is not None and not chunk.seq.is_finished:
-                self.scheduler.finish(chunk.seq, self.allocator, SequenceStatus.FINISHED_ERROR, message)
+                self.scheduler.finish(chunk.seq, self.cache, SequenceStatus.FINISHED_ERROR, message)
                 self._emit_final(t, "error", message)
+        # Pages the failed step should have filled may be indexed already: the device cache cannot be trusted.
+        self.cache.reset_device()
         if self.runner.recover():
             for seq in self._running:
                 if not seq.is_finished:
-                    self.scheduler.preempt(seq, self.allocator)
+                    self.scheduler.preempt(seq, self.cache, allow_swap=False)
             self._waiting = self._waiting + [s for s in self._running if not s.is_finished]
             self._running = []
 
@@ -321,7 +370,7 @@ class Engine:
             except Exception as e:  # one request's bad output (e.g. a detokenizer error) must not stop the rest
                 logging.exception("postprocessing request %s failed", seq.request_id)
                 if not seq.is_finished:
-                    self.scheduler.finish(seq, self.allocator, SequenceStatus.FINISHED_ERROR, str(e))
+                    self.scheduler.finish(seq, self.cache, SequenceStatus.FINISHED_ERROR, str(e))
                 self._emit_final(t, "error", f"output processing failed: {type(e).__name__}: {e}")
 
     def _append(self, t: _Tracked, row: int, out: Sampled, now: float) -> None:
@@ -348,7 +397,7 @@ class Engine:
             t.sink(RequestOutput(seq.request_id, [token], text, logprobs))
             return
         status = SequenceStatus.FINISHED_STOPPED if reason == "stop" else SequenceStatus.FINISHED_LENGTH
-        self.scheduler.finish(seq, self.allocator, status)
+        self.scheduler.finish(seq, self.cache, status)
         self._emit_final(t, reason, None, [token], text, logprobs)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -386,6 +435,8 @@ class Engine:
             self._release_queue_slot()
         self.metrics.requests_finished.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.arrival_time)
-        usage = Usage(len(seq.prompt_token_ids), seq.num_output_tokens)
+        cached = seq.cached_tokens
+        usage = Usage(len(seq.prompt_token_ids), seq.num_output_tokens, sum(cached.values()),
+                      cached.get("device", 0), cached.get("host", 0), cached.get("disk", 0))
         t.sink(RequestOutput(seq.request_id, token_ids or [], text, logprobs or [], reason, error, usage))
         self._notify_if_idle()

@@ -33,6 +33,25 @@ class Metrics:
         self.preemptions = Counter("jaxserve_preemptions", "Sequences preempted for lack of KV pages.", registry=r)
         self.requests_finished = Counter("jaxserve_requests_finished", "Finished requests by reason.",
                                          ["reason"], registry=r)
+        self.prefix_cache_queried_tokens = Counter(
+            "jaxserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache (all but the last).",
+            registry=r)
+        self.prefix_cache_hit_tokens = Counter("jaxserve_prefix_cache_hit_tokens",
+                                               "Prompt tokens served from the KV cache, by tier.", ["tier"], registry=r)
+        self.kv_offloaded_bytes = Counter("jaxserve_kv_offloaded_bytes", "KV bytes copied down into a tier.",
+                                          ["tier"], registry=r)
+        self.kv_onloaded_bytes = Counter("jaxserve_kv_onloaded_bytes", "KV bytes copied up to the device, by source.",
+                                         ["tier"], registry=r)
+        self.kv_evicted_pages = Counter("jaxserve_kv_evicted_pages", "KV pages evicted from a tier for capacity.",
+                                        ["tier"], registry=r)
+        self.kv_corrupt_pages = Counter("jaxserve_kv_corrupt_pages",
+                                        "Disk KV pages that failed verification (treated as misses).", registry=r)
+        self.kv_tier_pages = Gauge("jaxserve_kv_tier_pages", "KV pages held by a cache tier (device: indexed pages).",
+                                   ["tier"], registry=r)
+        self.kv_tier_capacity_bytes = Gauge("jaxserve_kv_tier_capacity_bytes", "Configured size of a KV tier.",
+                                            ["tier"], registry=r)
+        self.kv_tier_bytes = Gauge("jaxserve_kv_tier_bytes", "Bytes used in a KV tier (device: pages in use).",
+                                   ["tier"], registry=r)
         self.step_failures = Counter("jaxserve_step_failures", "Engine steps that raised.", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

@@ -15,8 +15,12 @@ class TokenLogprob:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """Token counts of a finished request (`cached_tokens`: prompt tokens served from the KV cache)."""
+    """Token counts of a finished request; `cached_tokens` prompt tokens were served from the KV cache, of them
+    `cached_device` found on the device, `cached_host` copied up from host DRAM and `cached_disk` read from disk."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    cached_device: int = 0
+    cached_host: int = 0
+    cached_disk: int = 0

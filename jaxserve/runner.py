@@ -1,14 +1,17 @@
-"""Owns the sharded params and the device KV pool; compiles and runs the prefill and decode steps.
+"""Owns the sharded params and the device KV pool; compiles and runs the prefill and decode steps and the copies of
+whole pages between the pool and host memory.
 
-Shapes are bucketed (rows, chunk length, pages per sequence) and each bucket is compiled once, ahead of time at
-start when `runner.warmup` is set; `compile_count` counts every compilation so callers can check it stays flat. The
-KV pool is donated to every step and updated in place. Mechanism only: which rows run is the scheduler's choice.
+Shapes are bucketed (rows, chunk length, pages per sequence; pages per copy) and each bucket is compiled once, ahead
+of time at start when `runner.warmup` is set; `compile_count` counts every compilation so callers can check it stays
+flat. The KV pool is donated to every step and copy and updated in place. Mechanism only: which rows run and which
+pages move is the scheduler's and the KV cache's choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import threading
 from typing import Any
@@ -30,6 +33,8 @@ from models.attention import TRASH_SLOT
 Params = dict[str, Any]
 KVPool = list[tuple[jax.Array, jax.Array]]
 KV_AXES = ("layers", "kv_pages", "kv_heads", None, "head_dim")
+# Pages copied out of or into the pool: [pages, layers per stage, k/v, stages, kv heads, page_size, head_dim].
+PAGE_BATCH_AXES = (None, None, None, "layers", "kv_heads", None, "head_dim")
 
 
 @dataclasses.dataclass
@@ -69,6 +74,36 @@ def page_buckets(max_pages: int) -> tuple[int, ...]:
     return tuple(out + [max_pages])
 
 
+class _PageBatch:
+    """Pages gathered from the pool by one copy; their transfer to host memory starts at once and is awaited, once,
+    by the first reader (the engine thread onloading them again, or the disk writer thread)."""
+
+    def __init__(self, array: jax.Array) -> None:
+        array.copy_to_host_async()
+        self._array: jax.Array | None = array
+        self._host: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def numpy(self) -> np.ndarray:
+        with self._lock:
+            if self._host is None:
+                self._host = np.asarray(self._array)
+                self._array = None
+            return self._host
+
+
+@dataclasses.dataclass(frozen=True)
+class PagePayload:
+    """One page of a `_PageBatch`: [layers per stage, k/v, stages, kv heads, page_size, head_dim]."""
+
+    batch: _PageBatch
+    index: int
+
+    def numpy(self) -> np.ndarray:
+        """The page's KV in host memory (waits for the copy)."""
+        return self.batch.numpy()[self.index]
+
+
 class Runner:
     """Compiled prefill/decode over a paged KV pool on a (data, pipeline, tensor) mesh."""
 
@@ -84,7 +119,9 @@ class Runner:
         # A step writes at least two KV rows: XLA copies the whole pool around a one-row update (see write_kv).
         self.decode_buckets = tuple(sorted({max(2, b) for b in config.runner.batch_buckets}))
         self.prefill_buckets = tuple(sorted({max(2, t) for t in config.runner.prefill_buckets}))
-        self._compiled: dict[tuple[int, int, int, bool], Any] = {}
+        # Pages per copy, from 2 (same reason) to one sequence's block table; larger copies are split.
+        self.copy_buckets = tuple(1 << i for i in range(1, max(1, math.ceil(math.log2(config.max_pages_per_seq))) + 1))
+        self._compiled: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
         self.compile_count = 0
 
@@ -112,6 +149,34 @@ class Runner:
         logging.warning("a failed step consumed the KV pool; rebuilding it")
         self.kv = self._new_pool()
         return True
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """One page's KV as copied out: [layers per stage, k/v, stages, kv heads, page_size, head_dim]."""
+        k = self.kv[0][0]
+        return (len(self.kv), 2, k.shape[0], *k.shape[2:])
+
+    @property
+    def page_dtype(self) -> np.dtype:
+        """The pool's element type, as numpy knows it."""
+        return np.dtype(self.kv[0][0].dtype)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, keys and values."""
+        return math.prod(self.page_shape) * self.page_dtype.itemsize
+
+    def cache_salt(self) -> bytes:
+        """What a cached page's bytes depend on besides its tokens: model, weights, layout, dtype, page size, and
+        the configured salt. Cached pages (on disk, across restarts too) are only reused under an equal salt."""
+        cfg = self.config
+        first_rows = np.asarray(self.params["embed"]["embedding"][:2])  # tells apart weights under one config
+        h = hashlib.blake2b(digest_size=16)
+        for part in (repr(cfg.model), repr(self.page_shape), str(self.page_dtype), cfg.checkpoint.path,
+                     str(cfg.checkpoint.seed), cfg.cache.salt):
+            h.update(part.encode() + b"\0")
+        h.update(first_rows.tobytes())
+        return h.digest()
 
     # ----- the step function (pure) -----
 
@@ -187,12 +252,82 @@ class Runner:
         return exe
 
     def warmup(self) -> None:
-        """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use."""
+        """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use, and
+        the page copies when pages can leave the device."""
         for pages in self.page_buckets:
             for rows in self.decode_buckets:
                 self._executable(rows, 1, pages, False)
             for length in self.prefill_buckets:
                 self._executable(1, length, pages, False)
+        if self.config.cache.has_host_tier:
+            for num in self.copy_buckets:
+                self._copy_executable("read", num)
+                self._copy_executable("write", num)
+
+    # ----- page copies -----
+
+    def _read_fn(self, kv: KVPool, pages: jax.Array) -> jax.Array:
+        out = jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in kv])  # [Ls, 2, P, n, H, ps, D]
+        return jnp.moveaxis(out, 3, 0)  # [n, Ls, 2, P, H, ps, D]
+
+    def _write_fn(self, kv: KVPool, pages: jax.Array, data: jax.Array) -> KVPool:
+        data = jnp.moveaxis(data, 0, 3)  # [n, Ls, 2, P, H, ps, D] -> [Ls, 2, P, n, H, ps, D]
+        return [(k.at[:, pages].set(data[j, 0]), v.at[:, pages].set(data[j, 1])) for j, (k, v) in enumerate(kv)]
+
+    def _copy_executable(self, kind: str, num: int) -> Any:
+        key = (kind, num)
+        exe = self._compiled.get(key)
+        if exe is not None:
+            return exe
+        pages = jax.ShapeDtypeStruct((num,), jnp.int32)
+        logging.info("compiling page %s of %d pages", kind, num)
+        if kind == "read":
+            exe = jax.jit(self._read_fn).lower(self.kv, pages).compile()
+        else:
+            data = jax.ShapeDtypeStruct((num, *self.page_shape), self.kv[0][0].dtype, sharding=self._page_sharding)
+            exe = jax.jit(self._write_fn, donate_argnums=(0,)).lower(self.kv, pages, data).compile()
+        self._compiled[key] = exe
+        self.compile_count += 1
+        return exe
+
+    @functools.cached_property
+    def _page_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(PAGE_BATCH_AXES))
+
+    def _copy_chunks(self, pages: list[int]) -> list[tuple[int, np.ndarray]]:
+        """Splits a page list into bucket-sized copies: (pages in the copy, page ids padded with the trash page)."""
+        out = []
+        largest = self.copy_buckets[-1]
+        for i in range(0, len(pages), largest):
+            part = pages[i: i + largest]
+            ids = np.zeros(_bucket(len(part), self.copy_buckets, "pages per copy"), np.int32)
+            ids[: len(part)] = part
+            out.append((len(part), ids))
+        return out
+
+    def read_pages(self, pages: list[int]) -> list[PagePayload]:
+        """Starts copying `pages` out of the pool (asynchronous: no step waits for it); one payload per page."""
+        payloads: list[PagePayload] = []
+        with self._lock:
+            for count, ids in self._copy_chunks(pages):
+                batch = _PageBatch(self._copy_executable("read", len(ids))(self.kv, ids))
+                payloads += [PagePayload(batch, i) for i in range(count)]
+        return payloads
+
+    def write_pages(self, pages: list[int], payloads: list[Any]) -> None:
+        """Copies each payload (anything with `numpy()` giving one page) into its page of the pool, ahead of any
+        later step."""
+        if len(pages) != len(payloads):
+            raise ValueError(f"{len(pages)} pages but {len(payloads)} payloads")
+        start = 0
+        for count, ids in self._copy_chunks(pages):
+            data = np.zeros((len(ids), *self.page_shape), self.page_dtype)
+            for i, payload in enumerate(payloads[start: start + count]):
+                data[i] = payload.numpy()
+            start += count
+            placed = jax.device_put(data, self._page_sharding)
+            with self._lock:
+                self.kv = self._copy_executable("write", len(ids))(self.kv, ids, placed)
 
     # ----- running -----
 

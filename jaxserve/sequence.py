@@ -89,6 +89,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     error: str | None = None
     num_preemptions: int = 0
+    # Prefix-cache keys of the leading full pages (page i covers tokens [0, (i+1) * page_size)), filled lazily.
+    page_keys: list[bytes] = dataclasses.field(default_factory=list)
+    # Prompt tokens served from the KV cache at first admission, by tier ("device", "host", "disk").
+    cached_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

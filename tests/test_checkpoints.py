@@ -138,7 +138,8 @@ def _truncate_largest_data_file(path: str) -> None:
 
 @pytest.mark.parametrize("damage,message", [
     (_garbage_data, r"metadata is unreadable \(tensor [\w/]+: ValueError: DATA_LOSS"),
-    (_truncate_largest_data_file, r"reading the weights failed \(tensor layers/[\w/]+: ValueError: OUT_OF_RANGE"),
+    # Which tensors share the truncated data file depends on orbax's write order, so any tensor may be named.
+    (_truncate_largest_data_file, r"reading the weights failed \(tensor [\w/]+: ValueError: OUT_OF_RANGE"),
     (lambda p: os.remove(f"{p}/_METADATA"), "metadata is unreadable"),
     (lambda p: os.remove(f"{p}/{MODEL_JSON}"), f"{MODEL_JSON} is missing"),
     (lambda p: shutil.rmtree(p), "does not exist"),

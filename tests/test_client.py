@@ -150,4 +150,4 @@ def test_cli_prints_the_streamed_text(server: BackgroundServer, runner: Runner) 
                            "--ignore_eos"], capture_output=True, timeout=TIMEOUT, check=True,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert done.stdout.decode("utf-8") == expected + "\n"
-    assert b"[length: 4 prompt + 6 generated tokens]" in done.stderr
+    assert b"[length: 4 prompt (0 cached: 0 device, 0 host, 0 disk) + 6 generated tokens]" in done.stderr

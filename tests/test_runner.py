@@ -48,6 +48,22 @@ def test_chunked_prefill_equals_one_shot_prefill(pipeline: int) -> None:
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
 
 
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 2), (8, 1)])
+def test_pages_copied_out_and_back_into_other_pages_give_the_same_logits(tensor: int, pipeline: int) -> None:
+    runner = _runner(f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}")
+    ps = runner.config.cache.page_size
+    prompt = np.random.RandomState(2).randint(0, 256, 40)
+    source, target = np.array([3, 9, 4, 11, 6, 2], np.int32), np.array([20, 21, 30, 22, 25, 26], np.int32)
+    runner.logits(_prefill_batch(prompt, 0, source, ps))  # 40 tokens: 5 full pages
+    payloads = runner.read_pages(source[:5].tolist())
+    want = runner.logits(_prefill_batch(np.array([7, 8]), 40, source, ps))
+    runner.write_pages(source[:5].tolist(), [payloads[0]] * 5)  # clobber the source after the copy out
+    runner.write_pages(target[:5].tolist(), payloads)
+    got = runner.logits(_prefill_batch(np.array([7, 8]), 40, target, ps))
+    np.testing.assert_array_equal(got, want)
+    assert payloads[1].numpy().shape == runner.page_shape and len(payloads) == 5
+
+
 def test_decode_reads_only_a_bucket_of_pages() -> None:
     assert page_buckets(32) == (1, 2, 4, 8, 16, 32)
     assert page_buckets(20) == (1, 2, 4, 8, 16, 20)
@@ -58,7 +74,8 @@ def test_compile_count_stays_flat_after_warmup() -> None:
     runner = Runner(load_config("configs/tiny.toml", ["runner.max_seq_len=96"]))
     runner.warmup()
     warm = runner.compile_count
-    assert warm == len(runner.page_buckets) * (len(runner.decode_buckets) + len(runner.prefill_buckets))
+    steps = len(runner.page_buckets) * (len(runner.decode_buckets) + len(runner.prefill_buckets))
+    assert warm == steps + 2 * len(runner.copy_buckets)  # page copies out of and into the pool, per bucket
     rng = np.random.RandomState(0)
     for _ in range(50):
         rows = rng.randint(1, 9)

@@ -1,12 +1,16 @@
 """Tests for jaxserve/scheduler.py (and the Sequence state it drives): admission, chunked prefill, decode rows,
-preemption by recompute, priorities, rejection, abort, and a randomized run checking pages are conserved."""
+preemption by recompute and swap, priorities, rejection, abort, prefix hits, and a randomized run checking pages
+are conserved."""
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 
+from jaxserve.kv.cache import KVCache
 from jaxserve.kv.pages import PageAllocator, slots_for
+from jaxserve.kv.tiers import HostTier
 from jaxserve.scheduler import Scheduler, SchedulerConfig, StepPlan
 from jaxserve.sequence import SamplingOptions, Sequence, SequenceStatus
 
@@ -16,42 +20,76 @@ def make_seq(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.
                     arrival_time=arrival, priority=priority)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotsPayload:
+    """A copied page of the Loop's pool."""
+
+    slots: tuple
+
+    def numpy(self) -> tuple:
+        return self.slots
+
+
 class Loop:
     """A stand-in engine: plans, "runs" the plan against a model KV pool that checks every page read, appends a
-    token per sampling chunk and finishes sequences at max_tokens. Checks the page invariants after every step."""
+    token per sampling chunk and finishes sequences at max_tokens. Checks the page invariants after every step.
 
-    def __init__(self, num_pages: int, page_size: int, **knobs: int) -> None:
-        self.alloc = PageAllocator(num_pages, page_size)
+    Without prefix caching a slot records the (request, position) that wrote it; with it, pages are shared and
+    copied through a host tier, so a slot records (token, position)."""
+
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = False, host_pages: int = 0,
+                 **knobs: int) -> None:
+        self.prefix_caching = prefix_caching
+        host = HostTier(host_pages * page_size, page_size) if host_pages else None
+        self.cache = KVCache(PageAllocator(num_pages, page_size), prefix_caching=prefix_caching, host=host,
+                             mover=self if host is not None else None, page_bytes=page_size)
+        self.alloc = self.cache.allocator
         self.sched = Scheduler(SchedulerConfig(**knobs))
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        # What each pool slot holds: (request_id, position), or None if never written.
-        self.kv: list[tuple[str, int] | None] = [None] * (num_pages * page_size)
+        self.kv: list[tuple[object, int] | None] = [None] * (num_pages * page_size)
         self.completed: list[Sequence] = []
+        # Every planned chunk: (request_id, start, length, preemptions so far).
+        self.history: list[tuple[str, int, int, int]] = []
+
+    def read_pages(self, pages: list[int]) -> list[SlotsPayload]:
+        ps = self.alloc.page_size
+        return [SlotsPayload(tuple(self.kv[p * ps: (p + 1) * ps])) for p in pages]
+
+    def write_pages(self, pages: list[int], payloads: list[SlotsPayload]) -> None:
+        ps = self.alloc.page_size
+        for p, payload in zip(pages, payloads, strict=True):
+            self.kv[p * ps: (p + 1) * ps] = list(payload.numpy())
+
+    def slot_owner(self, seq: Sequence, position: int) -> tuple[object, int]:
+        return (seq.token_ids[position] if self.prefix_caching else seq.request_id), position
 
     def submit(self, *seqs: Sequence) -> None:
         self.waiting.extend(seqs)
 
     def step(self) -> StepPlan:
-        plan = self.sched.plan(self.waiting, self.running, self.alloc)
+        plan = self.sched.plan(self.waiting, self.running, self.cache)
         self.waiting, self.running = plan.waiting, plan.running
         ps = self.alloc.page_size
         for chunk in plan.decode + plan.prefill:
             seq = chunk.seq
+            self.history.append((seq.request_id, chunk.start, chunk.length, seq.num_preemptions))
             assert seq.status is SequenceStatus.RUNNING
             context = slots_for(seq.block_table, 0, chunk.start, ps)
-            assert [self.kv[s] for s in context] == [(seq.request_id, p) for p in range(chunk.start)], \
+            assert [self.kv[s] for s in context] == [self.slot_owner(seq, p) for p in range(chunk.start)], \
                 f"{seq.request_id}: KV of earlier tokens was lost or overwritten"
             for p, s in zip(range(chunk.start, chunk.start + chunk.length),
                             slots_for(seq.block_table, chunk.start, chunk.length, ps), strict=True):
                 assert s // ps != 0, "wrote into the trash page"
-                self.kv[s] = (seq.request_id, p)
+                assert self.alloc.refcount(s // ps) == 1, "wrote into a shared page"
+                self.kv[s] = self.slot_owner(seq, p)
+        self.cache.publish()
         for chunk in plan.decode + plan.prefill:
             if chunk.samples:
                 seq = chunk.seq
                 seq.append_token(1000 + seq.num_output_tokens)
                 if seq.num_output_tokens >= seq.options.max_tokens:
-                    self.sched.finish(seq, self.alloc, SequenceStatus.FINISHED_LENGTH)
+                    self.sched.finish(seq, self.cache, SequenceStatus.FINISHED_LENGTH)
         self.completed += [s for s in self.running + plan.finished if s.is_finished]
         self.check_invariants()
         return plan
@@ -59,10 +97,12 @@ class Loop:
     def check_invariants(self) -> None:
         live = [s for s in self.running if not s.is_finished]
         pages = [p for s in live for p in s.block_table]
-        assert len(pages) == len(set(pages)), "two running sequences share a page"
+        if not self.prefix_caching:
+            assert len(pages) == len(set(pages)), "two running sequences share a page"
         assert 0 not in pages
-        assert self.alloc.num_used == len(pages)
-        assert self.alloc.num_free + self.alloc.num_used == self.alloc.num_usable
+        assert all(self.alloc.refcount(p) == pages.count(p) for p in set(pages)), "refcounts disagree with tables"
+        assert self.alloc.num_used == len(set(pages))
+        self.cache.check_invariants()
         queued = [s for s in self.waiting if not s.is_finished]  # an abort between steps leaves a finished one
         assert all(not s.block_table and s.num_computed_tokens == 0 for s in queued)
         assert all(s.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED) for s in queued)
@@ -83,7 +123,7 @@ def test_admits_waiting_sequences_only_while_their_pages_fit():
     loop.submit(a, b, c)
     plan = loop.step()
     assert [ch.seq for ch in plan.prefill] == [a, b]
-    assert plan.allocated == {"a": a.block_table, "b": b.block_table} and len(a.block_table) == 2
+    assert len(a.block_table) == len(b.block_table) == 2
     assert loop.waiting == [c] and c.status is SequenceStatus.WAITING  # c would fit a later page, but b used them
     assert loop.alloc.num_free == 0
 
@@ -141,9 +181,12 @@ def test_decode_takes_a_new_page_only_when_crossing_a_page_boundary():
     loop = Loop(num_pages=32, page_size=4, max_batch=1, max_step_tokens=8, max_chunk=8)
     seq = make_seq("s", 3, max_tokens=8)
     loop.submit(seq)
-    grants = [loop.step().allocated.get("s", []) for _ in range(7)]
+    sizes = []
+    for _ in range(7):
+        loop.step()
+        sizes.append(len(seq.block_table))
     # Tokens 0-2 prefill into page 1; decode writes position 3 (same page), then 4 (new page), ... 8 (new page).
-    assert [len(g) for g in grants] == [1, 0, 1, 0, 0, 0, 1]
+    assert sizes == [1, 1, 2, 2, 2, 2, 3]
 
 
 def test_preemption_under_page_pressure_frees_pages_and_the_sequence_resumes():
@@ -242,12 +285,12 @@ def test_abort_frees_pages_at_once_and_the_next_plan_drops_the_sequence():
     loop.submit(a, b)
     loop.step()
     used = loop.alloc.num_used
-    loop.sched.abort(a, loop.alloc)
+    loop.sched.abort(a, loop.cache)
     assert a.status is SequenceStatus.FINISHED_CANCELLED and a.block_table == []
     assert loop.alloc.num_used == used - 3
     plan = loop.step()
     assert [c.seq for c in plan.decode] == [b] and loop.running == [b]
-    loop.sched.abort(a, loop.alloc)  # cancelling a finished sequence is a no-op
+    loop.sched.abort(a, loop.cache)  # cancelling a finished sequence is a no-op
     assert a.status is SequenceStatus.FINISHED_CANCELLED
 
 
@@ -256,26 +299,26 @@ def test_abort_of_a_waiting_sequence_removes_it_from_the_queue():
     a, b = make_seq("a", 3), make_seq("b", 3, arrival=1)
     loop.submit(a, b)
     loop.step()
-    loop.sched.abort(b, loop.alloc)
+    loop.sched.abort(b, loop.cache)
     loop.step()
     assert loop.waiting == []
 
 
 def test_finish_refuses_a_live_status_and_a_second_finish():
-    sched, alloc = Scheduler(SchedulerConfig()), PageAllocator(4, 4)
+    sched, cache = Scheduler(SchedulerConfig()), KVCache(PageAllocator(4, 4))
     seq = make_seq("s", 2)
     with pytest.raises(ValueError, match="FINISHED_"):
-        sched.finish(seq, alloc, SequenceStatus.RUNNING)
-    sched.finish(seq, alloc, SequenceStatus.FINISHED_STOPPED)
+        sched.finish(seq, cache, SequenceStatus.RUNNING)
+    sched.finish(seq, cache, SequenceStatus.FINISHED_STOPPED)
     with pytest.raises(ValueError, match="already finished"):
-        sched.finish(seq, alloc, SequenceStatus.FINISHED_ERROR)
+        sched.finish(seq, cache, SequenceStatus.FINISHED_ERROR)
 
 
 def test_config_and_options_validate_their_fields():
     with pytest.raises(ValueError, match="scheduler.max_step_tokens: must be >= max_batch"):
         SchedulerConfig(max_batch=8, max_step_tokens=4)
     with pytest.raises(ValueError, match="scheduler.preemption"):
-        SchedulerConfig(preemption="swap")
+        SchedulerConfig(preemption="evict")
     with pytest.raises(ValueError, match="top_p"):
         SamplingOptions(top_p=0.0)
     with pytest.raises(ValueError, match="max_tokens"):
@@ -298,8 +341,11 @@ def test_random_workload_conserves_pages_and_finishes_everything(seed):
     page_size = rng.choice([1, 2, 4, 8])
     num_pages = rng.randint(4, 40)
     max_batch = rng.randint(1, 6)
-    loop = Loop(num_pages, page_size, max_batch=max_batch, max_step_tokens=rng.randint(max_batch, 48),
-                max_chunk=rng.randint(1, 32), max_seq_len=rng.randint(8, 200))
+    caching = seed % 2 == 1  # odd seeds share prefixes through the cache, with a host tier and swap preemption
+    loop = Loop(num_pages, page_size, prefix_caching=caching, host_pages=rng.randint(0, 30) if caching else 0,
+                max_batch=max_batch, max_step_tokens=rng.randint(max_batch, 48), max_chunk=rng.randint(1, 32),
+                max_seq_len=rng.randint(8, 200), preemption=rng.choice(["auto", "swap", "recompute"]),
+                swap_min_tokens=rng.randint(0, 20))
     seqs = [make_seq(f"r{i}", rng.randint(1, 60), max_tokens=rng.randint(1, 30), arrival=float(i),
                      priority=rng.choice([0, 0, 0, 1, 2])) for i in range(rng.randint(5, 40))]
     arrivals = sorted(rng.randint(0, 60) for _ in seqs)
@@ -310,7 +356,7 @@ def test_random_workload_conserves_pages_and_finishes_everything(seed):
             live = [s for s in loop.waiting + loop.running if not s.is_finished]
             if live:
                 victim = rng.choice(live)
-                loop.sched.abort(victim, loop.alloc)
+                loop.sched.abort(victim, loop.cache)
                 cancelled.add(victim.request_id)
                 loop.check_invariants()
         loop.step()
@@ -319,7 +365,7 @@ def test_random_workload_conserves_pages_and_finishes_everything(seed):
     else:
         raise AssertionError("workload did not finish")
     assert loop.alloc.num_free == loop.alloc.num_usable
-    capacity = loop.sched.capacity(loop.alloc)
+    capacity = loop.sched.capacity(loop.cache)
     for s in seqs:
         if s.request_id in cancelled:
             assert s.status is SequenceStatus.FINISHED_CANCELLED
@@ -335,12 +381,39 @@ def test_random_workload_conserves_pages_and_finishes_everything(seed):
 def test_static_batching_admits_nobody_until_the_batch_drains() -> None:
     sched = Scheduler(SchedulerConfig(max_batch=4, max_step_tokens=64, max_chunk=16, max_seq_len=64,
                                       static_batching=True))
-    alloc = PageAllocator(64, 4)
+    cache = KVCache(PageAllocator(64, 4))
     first, second = Sequence("a", [1, 2, 3]), Sequence("b", [4, 5])
-    plan = sched.plan([first], [], alloc)
+    plan = sched.plan([first], [], cache)
     assert plan.running == [first]
-    plan = sched.plan([second], plan.running, alloc)
+    plan = sched.plan([second], plan.running, cache)
     assert plan.running == [first] and plan.waiting == [second]
-    sched.finish(first, alloc, SequenceStatus.FINISHED_LENGTH)
-    plan = sched.plan(plan.waiting, plan.running, alloc)
+    sched.finish(first, cache, SequenceStatus.FINISHED_LENGTH)
+    plan = sched.plan(plan.waiting, plan.running, cache)
     assert plan.running == [second]
+
+
+def test_a_cached_prefix_is_not_prefilled_again():
+    loop = Loop(num_pages=32, page_size=4, prefix_caching=True, max_batch=4, max_step_tokens=64, max_chunk=64)
+    a = make_seq("a", 10, max_tokens=1)
+    loop.submit(a)
+    loop.run_until_done()
+    b = make_seq("b", 12, max_tokens=1)  # shares a's first two full pages
+    loop.submit(b)
+    plan = loop.step()
+    assert [(c.seq, c.start, c.length) for c in plan.prefill] == [(b, 8, 4)]
+    assert b.cached_tokens["device"] == 8
+
+
+def test_swap_preemption_resumes_without_recomputing_any_token():
+    loop = Loop(num_pages=7, page_size=4, prefix_caching=True, host_pages=16, max_batch=2, max_step_tokens=32,
+                max_chunk=32, preemption="swap")
+    early, late = make_seq("early", 10, max_tokens=8), make_seq("late", 10, max_tokens=4, arrival=1)
+    late.prompt_token_ids = [t + 100 for t in late.prompt_token_ids]  # nothing shared with early
+    loop.submit(early, late)
+    for _ in range(4):
+        plan = loop.step()
+    assert plan.preempted == [late]  # both needed a 4th page for position 12: late yields, 12 tokens computed
+    loop.run_until_done()
+    resumed = [c for c in loop.history if c[0] == "late" and c[3] == 1]
+    assert resumed[0][1] == 12  # its first chunk after resuming starts where it stopped
+    assert late.output_token_ids == [1000, 1001, 1002, 1003]

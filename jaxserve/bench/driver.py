@@ -78,6 +78,8 @@ class RequestRecord:
     turn: int
     prompt_tokens: int  # the server's count (BOS included) once known, else the ids sent, else 0
     max_tokens: int | None
+    # Prompt tokens the server served from its KV cache, by tier ("device", "host", "disk"), once known.
+    cached_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
     start_s: float = 0.0
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -137,7 +139,9 @@ async def _send(client: StreamingClient, prompt: Prompt, record: RequestRecord, 
                 reply_ids.extend(delta.token_ids)
             reply_text.append(delta.text)
             if delta.usage is not None:
-                record.prompt_tokens = delta.usage.prompt_tokens
+                u = delta.usage
+                record.prompt_tokens = u.prompt_tokens
+                record.cached_tokens = {"device": u.cached_device, "host": u.cached_host, "disk": u.cached_disk}
             if delta.finish_reason is not None:
                 record.finish_reason = delta.finish_reason
         record.e2e_s = time.perf_counter() - start

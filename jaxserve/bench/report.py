@@ -79,6 +79,7 @@ class Summary:
     input_throughput: float  # prompt tokens of completed requests / s
     total_output_tokens: int
     total_prompt_tokens: int
+    cached_prompt_tokens: dict[str, int]  # prompt tokens served from the server's KV cache, by tier
     ttft_ms: Distribution | None
     tpot_ms: Distribution | None
     itl_ms: Distribution | None
@@ -96,11 +97,15 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO = SL
     met = sum(slo.is_met_by(r) for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_tokens for r in done)
+    cached: collections.Counter[str] = collections.Counter()
+    for r in done:
+        cached.update(r.cached_tokens)
     return Summary(
         num_requests=len(records), completed=len(done), failed=len(records) - len(done),
         failures=dict(sorted(failures.items())), duration_s=duration_s, request_throughput=len(done) * per_s,
         output_throughput=output_tokens * per_s, input_throughput=prompt_tokens * per_s,
         total_output_tokens=output_tokens, total_prompt_tokens=prompt_tokens,
+        cached_prompt_tokens={t: cached[t] for t in ("device", "host", "disk")},
         ttft_ms=Distribution.of(r.ttft_s * 1e3 for r in done if r.ttft_s is not None),
         tpot_ms=Distribution.of(t * 1e3 for r in done if (t := r.tpot_s) is not None),
         itl_ms=Distribution.of(g * 1e3 for r in done for g in r.itl_s),
@@ -130,6 +135,10 @@ def format_summary(summary: Summary, title: str = "Serving benchmark") -> str:
     row("Output token throughput (tok/s)", _number(s.output_throughput))
     row("Input token throughput (tok/s)", _number(s.input_throughput))
     row("Output / prompt tokens", f"{s.total_output_tokens} / {s.total_prompt_tokens}")
+    cached = sum(s.cached_prompt_tokens.values())
+    row("Prompt tokens from the KV cache", f"{cached / s.total_prompt_tokens:.1%}" if s.total_prompt_tokens else "-")
+    if cached:
+        lines.append("  by tier: " + ", ".join(f"{t} {n}" for t, n in s.cached_prompt_tokens.items()))
     if s.goodput is not None:
         targets = ", ".join(t for t in (f"TTFT <= {s.slo.ttft_ms:g} ms" if s.slo.ttft_ms is not None else "",
                                         f"TPOT <= {s.slo.tpot_ms:g} ms" if s.slo.tpot_ms is not None else "") if t)

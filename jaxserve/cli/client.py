@@ -71,8 +71,10 @@ def main(argv: list[str]) -> None:
             last = delta
         print()
         if last is not None and last.usage is not None:
-            print(f"[{last.finish_reason}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
-                  "generated tokens]", file=sys.stderr)
+            u = last.usage
+            print(f"[{last.finish_reason}: {u.prompt_tokens} prompt ({u.cached_tokens} cached: {u.cached_device} "
+                  f"device, {u.cached_host} host, {u.cached_disk} disk) + {u.completion_tokens} generated tokens]",
+                  file=sys.stderr)
     except grpc.RpcError as e:
         sys.exit(f"jaxserve-client: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
     finally:

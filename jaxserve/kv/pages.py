@@ -4,15 +4,16 @@ Host-side only (Python and numpy, no JAX); the pool's arrays belong to the runne
 of `page_size` token slots; slot = page * page_size + offset. Page 0 is the reserved trash page that padding rows
 write into, so it is never handed out.
 
-Free pages are kept in the order they were released and handed out oldest-released first. A prefix index can then
-treat the free list as its LRU: a page freed with a cached prefix still in it stays reusable until allocation
-reaches it, and the index can claim it back before that.
+Free pages sit in one of two lists, each in the order the pages were released. A page freed with reusable content
+(a prefix the index still points at) goes to the cached list, any other to the plain list. Allocation takes plain
+pages first and only then the least recently released cached page, so cached prefixes survive as long as possible;
+the prefix index can `reclaim` a cached page before allocation reaches it.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class DoubleFreeError(PageError):
 class PageAllocator:
     """Hands out pages 1..num_pages-1 and counts references to each, so sequences can share a page.
 
-    Invariant: num_free + num_used == num_usable == num_pages - 1; a page is free exactly when its refcount is 0.
+    Invariant: num_free + num_used == num_usable == num_pages - 1; a page is free exactly when its refcount is 0,
+    and a free page is in exactly one of the plain and cached lists.
     """
 
     def __init__(self, num_pages: int, page_size: int) -> None:
@@ -45,8 +47,9 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         self._refcounts = [0] * num_pages
-        # An ordered set: allocation pops from the front, release appends at the back.
+        # Ordered sets: allocation pops from the front, release appends at the back.
         self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(1, num_pages))
+        self._cached: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     @property
     def num_usable(self) -> int:
@@ -55,13 +58,26 @@ class PageAllocator:
 
     @property
     def num_free(self) -> int:
-        """Pages with no reference."""
-        return len(self._free)
+        """Pages with no reference (plain or cached)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free pages whose content is still reusable."""
+        return len(self._cached)
 
     @property
     def num_used(self) -> int:
         """Pages referenced by at least one holder."""
-        return self.num_usable - len(self._free)
+        return self.num_usable - self.num_free
+
+    def is_cached_free(self, page: int) -> bool:
+        """Whether `page` is free but keeps reusable content."""
+        return page in self._cached
+
+    def cached_free_pages(self) -> list[int]:
+        """The cached free pages, least recently released first."""
+        return list(self._cached)
 
     def refcount(self, page: int) -> int:
         """How many holders reference `page`."""
@@ -70,18 +86,35 @@ class PageAllocator:
 
     def can_allocate(self, num: int) -> bool:
         """Whether `num` pages are free right now."""
-        return 0 <= num <= len(self._free)
+        return 0 <= num <= self.num_free
 
     def allocate(self, num: int) -> list[int]:
-        """Takes `num` free pages (refcount 1 each); raises OutOfPagesError, taking none, if fewer are free."""
+        """Takes `num` free pages (refcount 1 each), plain ones first; raises OutOfPagesError, taking none, if fewer
+        are free. The caller must check which of them were cached (`is_cached_free` before, or its own index)."""
         if num < 0:
             raise ValueError(f"num: must be >= 0, got {num}")
-        if num > len(self._free):
-            raise OutOfPagesError(f"asked for {num} pages, {len(self._free)} of {self.num_usable} are free")
-        pages = [self._free.popitem(last=False)[0] for _ in range(num)]
+        if num > self.num_free:
+            raise OutOfPagesError(f"asked for {num} pages, {self.num_free} of {self.num_usable} are free")
+        pages = [(self._free if self._free else self._cached).popitem(last=False)[0] for _ in range(num)]
         for p in pages:
             self._refcounts[p] = 1
         return pages
+
+    def reclaim(self, page: int) -> None:
+        """Adds a reference to a page that is in use or cached free (a prefix hit); a plain free page is refused."""
+        self._check_page(page)
+        if self._refcounts[page] == 0:
+            if page not in self._cached:
+                raise PageError(f"page {page} is free and holds nothing reusable")
+            del self._cached[page]
+        self._refcounts[page] += 1
+
+    def uncache(self, page: int) -> None:
+        """Moves a cached free page to the plain list: its content is no longer wanted."""
+        if page not in self._cached:
+            raise PageError(f"page {page} is not a cached free page")
+        del self._cached[page]
+        self._free[page] = None
 
     def share(self, pages: Iterable[int]) -> None:
         """Adds a reference to each (already allocated) page, for a second holder of the same KV."""
@@ -93,10 +126,11 @@ class PageAllocator:
         for p in pages:
             self._refcounts[p] += 1
 
-    def free(self, pages: Iterable[int]) -> list[int]:
+    def free(self, pages: Iterable[int], cached: Container[int] = ()) -> list[int]:
         """Drops one reference per listed page; returns the pages that reached refcount 0 and are free again.
 
-        All-or-nothing: a page freed more often than it is referenced raises DoubleFreeError and nothing changes.
+        Released pages listed in `cached` keep reusable content and go to the cached list. All-or-nothing: a page
+        freed more often than it is referenced raises DoubleFreeError and nothing changes.
         """
         drops = collections.Counter(pages)
         for p, n in drops.items():
@@ -107,7 +141,7 @@ class PageAllocator:
         for p, n in drops.items():
             self._refcounts[p] -= n
             if self._refcounts[p] == 0:
-                self._free[p] = None
+                (self._cached if p in cached else self._free)[p] = None
                 released.append(p)
         return released
 

@@ -45,7 +45,10 @@ def generate_response(out: RequestOutput) -> jaxserve_pb2.GenerateResponse:
     if out.usage is not None:
         msg.usage.CopyFrom(jaxserve_pb2.Usage(prompt_tokens=out.usage.prompt_tokens,
                                               completion_tokens=out.usage.completion_tokens,
-                                              cached_tokens=out.usage.cached_tokens))
+                                              cached_tokens=out.usage.cached_tokens,
+                                              cached_device_tokens=out.usage.cached_device,
+                                              cached_host_tokens=out.usage.cached_host,
+                                              cached_disk_tokens=out.usage.cached_disk))
     return msg
 
 
