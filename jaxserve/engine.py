@@ -310,6 +310,7 @@ class Engine:
         self.metrics.kv_pages_used.set(self.allocator.num_used)
         self.metrics.compilations.set(self.runner.compile_count)
         self.cache.report()
+        self.cache.settle()
 
     def _batch(self, chunks: list[Chunk]) -> StepBatch:
         ps = self.config.cache.page_size

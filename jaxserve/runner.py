@@ -75,33 +75,50 @@ def page_buckets(max_pages: int) -> tuple[int, ...]:
 
 
 class _PageBatch:
-    """Pages gathered from the pool by one copy; their transfer to host memory starts at once and is awaited, once,
-    by the first reader (the engine thread onloading them again, or the disk writer thread)."""
+    """Pages gathered from the pool by one copy. Their transfer to host memory starts at once; the first reader
+    waits for it and frees the device buffer, and the host copy lives while some page still needs it."""
 
     def __init__(self, array: jax.Array) -> None:
         array.copy_to_host_async()
         self._array: jax.Array | None = array
         self._host: np.ndarray | None = None
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
-    def numpy(self) -> np.ndarray:
-        with self._lock:
-            if self._host is None:
-                self._host = np.asarray(self._array)
-                self._array = None
-            return self._host
+    def is_ready(self) -> bool:
+        """Whether the copy has landed (reading it then costs no wait)."""
+        return self._array is None or self._array.is_ready()
+
+    def host(self) -> np.ndarray:
+        """[pages, ...] in host memory; call with `lock` held."""
+        if self._host is None:
+            self._host = np.asarray(self._array)
+            self._array = None
+        return self._host
 
 
-@dataclasses.dataclass(frozen=True)
 class PagePayload:
-    """One page of a `_PageBatch`: [layers per stage, k/v, stages, kv heads, page_size, head_dim]."""
+    """One page of a `_PageBatch`: [layers per stage, k/v, stages, kv heads, page_size, head_dim]. Once read, the
+    page owns a copy of its bytes, so a tier holding it holds exactly one page of memory."""
 
-    batch: _PageBatch
-    index: int
+    def __init__(self, batch: _PageBatch, index: int) -> None:
+        self._batch: _PageBatch | None = batch
+        self._index = index
+        self._page: np.ndarray | None = None
+
+    def is_ready(self) -> bool:
+        """Whether `numpy()` would return without waiting for the device."""
+        batch = self._batch
+        return batch is None or batch.is_ready()
 
     def numpy(self) -> np.ndarray:
-        """The page's KV in host memory (waits for the copy)."""
-        return self.batch.numpy()[self.index]
+        """The page's KV in host memory (waits for the copy). Safe from any thread."""
+        batch = self._batch
+        if batch is not None:
+            with batch.lock:
+                if self._page is None:
+                    self._page = batch.host()[self._index].copy()
+                    self._batch = None
+        return self._page  # type: ignore[return-value]
 
 
 class Runner:

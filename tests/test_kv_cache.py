@@ -313,3 +313,33 @@ def test_pages_are_conserved_and_kv_stays_right_under_random_operations(tmp_path
     assert cache.allocator.num_used == 0
     assert hits > 20
     cache.close(persist=False)
+
+
+def test_settle_takes_landed_copies_into_host_memory_without_waiting_for_the_rest():
+    class Copying:
+        def __init__(self, value: float) -> None:
+            self.ready, self.reads, self.value = False, 0, value
+
+        def is_ready(self) -> bool:
+            return self.ready
+
+        def numpy(self) -> np.ndarray:
+            self.reads += 1
+            return np.full(PS, self.value)
+
+    cache, pool = make(num_pages=9, host_pages=16)
+    copies: list[Copying] = []
+    pool.read_pages = lambda pages: copies.extend(Copying(p) for p in pages) or copies[-len(pages):]
+    run_to_end(cache, pool, a := seq("a", list(range(9))))
+    cache.release(a)
+    cache.evict_device()
+    assert len(copies) == 2
+    cache.settle()
+    assert [c.reads for c in copies] == [0, 0]
+    copies[1].ready = True
+    cache.settle()
+    assert [c.reads for c in copies] == [0, 1]
+    copies[0].ready = True
+    cache.settle()
+    cache.settle()
+    assert [c.reads for c in copies] == [1, 1]

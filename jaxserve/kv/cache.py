@@ -35,10 +35,17 @@ from jaxserve.sequence import Sequence
 TIERS = ("device", "host", "disk")
 
 
+class CopyingPage(PagePayload, Protocol):
+    """A page on its way out of the device."""
+
+    def is_ready(self) -> bool:
+        """Whether its bytes have reached the host (numpy() would not wait)."""
+
+
 class PageMover(Protocol):
     """Copies whole pages between the device KV pool and host memory (the runner implements it)."""
 
-    def read_pages(self, pages: list[int]) -> list[PagePayload]:
+    def read_pages(self, pages: list[int]) -> list[CopyingPage]:
         """Starts copying `pages` out of the pool; each payload's numpy() waits for its data."""
 
     def write_pages(self, pages: list[int], payloads: list[PagePayload]) -> None:
@@ -85,6 +92,7 @@ class KVCache:
         self._index: dict[bytes, int] = {}  # key -> device page
         self._page_key: dict[int, bytes] = {}  # device page -> key
         self._pending: list[tuple[bytes, int]] = []  # filled by the step being planned; indexed by publish()
+        self._copying: list[CopyingPage] = []  # read out of the device, not yet landed in host memory
         self._reported: dict[str, TierStats] = {}
 
     # ----- holding pages -----
@@ -162,6 +170,17 @@ class KVCache:
         if last > first:
             keys = self._keys(seq, last)
             self._pending += [(keys[i], seq.block_table[i]) for i in range(first, last)]
+
+    def settle(self) -> None:
+        """Takes into host memory the pages whose copies out of the device have landed, so device buffers are freed
+        soon after each copy instead of when the page is next used (call it once a step; it never waits)."""
+        copying = []
+        for page in self._copying:
+            if page.is_ready():
+                page.numpy()
+            else:
+                copying.append(page)
+        self._copying = copying
 
     def publish(self) -> None:
         """Indexes the pages the step just dispatched fills, for reuse by later steps (call it before any page of
@@ -365,14 +384,16 @@ class KVCache:
         for (_, key), payload in zip(down, payloads, strict=False):
             self.host.put(key, payload)
 
-    def _read(self, pages: list[int]) -> list[PagePayload]:
+    def _read(self, pages: list[int]) -> list[CopyingPage]:
         if not pages:
             return []
         try:
-            return self.mover.read_pages(pages)  # type: ignore[union-attr]
+            payloads = self.mover.read_pages(pages)  # type: ignore[union-attr]
         except Exception:  # a lost copy only costs a recompute later
             logging.exception("copying %d KV pages out of the device failed; they are dropped", len(pages))
             return []
+        self._copying += payloads
+        return payloads
 
     def _write(self, pages: list[int], payloads: list[PagePayload]) -> bool:
         try:
