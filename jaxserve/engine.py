@@ -173,6 +173,7 @@ class Engine:
 
         def evict() -> None:
             self.cache.evict_device()
+            self.cache.finish_copies()
             if tier == "host":
                 self.cache.spill_host()
             done.set()

@@ -171,6 +171,12 @@ class KVCache:
             keys = self._keys(seq, last)
             self._pending += [(keys[i], seq.block_table[i]) for i in range(first, last)]
 
+    def finish_copies(self) -> None:
+        """Waits until every page copied out of the device has landed in host memory."""
+        for page in self._copying:
+            page.numpy()
+        self._copying = []
+
     def settle(self) -> None:
         """Takes into host memory the pages whose copies out of the device have landed, so device buffers are freed
         soon after each copy instead of when the page is next used (call it once a step; it never waits)."""
