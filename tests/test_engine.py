@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from collector import Collector
 
 from jaxserve.config import load_config
 from jaxserve.engine import Engine, QueueFullError, Request, RequestOutput
@@ -13,35 +14,6 @@ from jaxserve.generate import GenerationOptions, generate
 from jaxserve.runner import Runner
 from jaxserve.sequence import SamplingOptions
 from jaxserve.tokenizer import ByteTokenizer
-
-
-class Collector:
-    """Gathers every request's outputs; `wait` blocks until `count` requests finished."""
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, list[RequestOutput]] = {}
-        self._finished = 0
-        self._cond = threading.Condition()
-
-    def sink(self, out: RequestOutput) -> None:
-        with self._cond:
-            self.outputs.setdefault(out.request_id, []).append(out)
-            if out.finish_reason is not None:
-                self._finished += 1
-                self._cond.notify_all()
-
-    def wait(self, count: int, timeout: float = 300) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: self._finished >= count, timeout), f"{self._finished}/{count} done"
-
-    def tokens(self, rid: str) -> list[int]:
-        return [t for o in self.outputs[rid] for t in o.token_ids]
-
-    def text(self, rid: str) -> str:
-        return "".join(o.text for o in self.outputs[rid])
-
-    def final(self, rid: str) -> RequestOutput:
-        return self.outputs[rid][-1]
 
 
 @pytest.fixture(scope="module")

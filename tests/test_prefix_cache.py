@@ -4,11 +4,11 @@ a corrupted disk page; under memory pressure with shared prefixes and cancellati
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from collector import Collector
 
 from jaxserve.config import load_config
 from jaxserve.engine import Engine, Request, RequestOutput
@@ -18,32 +18,6 @@ from jaxserve.sequence import SamplingOptions
 from jaxserve.tokenizer import ByteTokenizer
 
 SYSTEM = [256, *range(40, 90)]  # a 51-token shared prefix: 6 full pages of 8
-
-
-class Collector:
-    """Every request's outputs; `wait` blocks until `count` requests have finished."""
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, list[RequestOutput]] = {}
-        self._finished = 0
-        self._cond = threading.Condition()
-
-    def sink(self, out: RequestOutput) -> None:
-        with self._cond:
-            self.outputs.setdefault(out.request_id, []).append(out)
-            if out.finish_reason is not None:
-                self._finished += 1
-                self._cond.notify_all()
-
-    def wait(self, count: int, timeout: float = 300) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: self._finished >= count, timeout), f"{self._finished}/{count} done"
-
-    def tokens(self, rid: str) -> list[int]:
-        return [t for o in self.outputs[rid] for t in o.token_ids]
-
-    def final(self, rid: str) -> RequestOutput:
-        return self.outputs[rid][-1]
 
 
 @pytest.fixture(scope="module")
