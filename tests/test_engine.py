@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from collector import Collector
+from engine_harness import Collector, started_engine
 
 from jaxserve.config import load_config
 from jaxserve.engine import Engine, QueueFullError, Request, RequestOutput
@@ -21,18 +21,11 @@ def runner() -> Runner:
     return Runner(load_config("configs/tiny.toml", ["runner.warmup=false"]))
 
 
-def _engine(runner: Runner, *overrides: str) -> Engine:
-    # Overrides only shape the engine (a smaller page allocator, queue limits); the runner's pool is a superset.
-    engine = Engine(load_config("configs/tiny.toml", ["runner.warmup=false", *overrides]), runner, ByteTokenizer())
-    engine.start()
-    return engine
-
-
 def test_concurrent_requests_each_match_the_request_run_alone(runner: Runner) -> None:
     rng = np.random.RandomState(0)
     prompts = [[256, *rng.randint(0, 256, rng.randint(1, 120))] for _ in range(64)]
     max_tokens = [int(rng.randint(1, 40)) for _ in prompts]
-    engine, got = _engine(runner), Collector()
+    engine, got = started_engine(runner), Collector()
     for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
         engine.submit(Request(str(i), p, SamplingOptions(max_tokens=n, ignore_eos=True)), got.sink)
     got.wait(len(prompts))
@@ -46,7 +39,8 @@ def test_concurrent_requests_each_match_the_request_run_alone(runner: Runner) ->
 
 def test_preempted_requests_recompute_to_the_same_output(runner: Runner) -> None:
     prompts = [[256, *range(i, i + 30)] for i in range(8)]
-    engine, got = _engine(runner, "cache.num_pages=24"), Collector()  # 23 pages of 8: not enough for 8 x 70 tokens
+    # 23 pages of 8: not enough for 8 x 70 tokens.
+    engine, got = started_engine(runner, "cache.num_pages=24"), Collector()
     for i, p in enumerate(prompts):
         engine.submit(Request(str(i), p, SamplingOptions(max_tokens=40, ignore_eos=True)), got.sink)
     got.wait(len(prompts))
@@ -59,7 +53,7 @@ def test_preempted_requests_recompute_to_the_same_output(runner: Runner) -> None
 
 def test_cancelling_200_requests_at_random_points_frees_every_page(runner: Runner) -> None:
     rng = np.random.RandomState(1)
-    engine, got = _engine(runner, "engine.max_waiting=1000"), Collector()
+    engine, got = started_engine(runner, "engine.max_waiting=1000"), Collector()
     cancel_after = {}
     lock = threading.Lock()
 
@@ -90,7 +84,7 @@ def test_stop_strings_truncate_text_and_stop_tokens_end_the_stream(runner: Runne
     full = generate(runner, [prompt], [GenerationOptions(max_tokens=30)])[0]
     text = ByteTokenizer().decode(full)
     stop = text[10:12]
-    engine, got = _engine(runner), Collector()
+    engine, got = started_engine(runner), Collector()
     engine.submit(Request("s", prompt, SamplingOptions(max_tokens=30, stop=(stop,), ignore_eos=True)), got.sink)
     engine.submit(Request("t", prompt, SamplingOptions(max_tokens=30, stop_token_ids=(full[5],), ignore_eos=True)),
                   got.sink)
@@ -103,7 +97,7 @@ def test_stop_strings_truncate_text_and_stop_tokens_end_the_stream(runner: Runne
 
 
 def test_logprobs_are_returned_for_each_token(runner: Runner) -> None:
-    engine, got = _engine(runner), Collector()
+    engine, got = started_engine(runner), Collector()
     engine.submit(Request("l", [256, 1, 2, 3], SamplingOptions(max_tokens=4, logprobs=3, ignore_eos=True)), got.sink)
     got.wait(1)
     engine.shutdown(5)
@@ -124,7 +118,7 @@ def test_a_full_queue_refuses_more_requests(runner: Runner) -> None:
 
 
 def test_shutdown_past_the_grace_period_cancels_what_is_left(runner: Runner) -> None:
-    engine, got = _engine(runner), Collector()
+    engine, got = started_engine(runner), Collector()
     for i in range(4):
         engine.submit(Request(str(i), [256, 5, 6], SamplingOptions(max_tokens=200, ignore_eos=True)), got.sink)
     assert not engine.shutdown(timeout=0)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from collector import Collector
+from engine_harness import Collector, started_engine
 
 from jaxserve.config import load_config
 from jaxserve.engine import Engine, Request, RequestOutput
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.runner import Runner
 from jaxserve.sequence import SamplingOptions
-from jaxserve.tokenizer import ByteTokenizer
 
 SYSTEM = [256, *range(40, 90)]  # a 51-token shared prefix: 6 full pages of 8
 
@@ -23,12 +22,6 @@ SYSTEM = [256, *range(40, 90)]  # a 51-token shared prefix: 6 full pages of 8
 @pytest.fixture(scope="module")
 def runner() -> Runner:
     return Runner(load_config("configs/tiny.toml", ["runner.warmup=false"]))
-
-
-def _engine(runner: Runner, *overrides: str) -> Engine:
-    engine = Engine(load_config("configs/tiny.toml", ["runner.warmup=false", *overrides]), runner, ByteTokenizer())
-    engine.start()
-    return engine
 
 
 def _reference(runner: Runner, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -54,13 +47,13 @@ def test_greedy_outputs_are_identical_cache_off_and_after_device_host_and_disk_h
     prompts = {name: SYSTEM + [ord(c) for c in f"{name}, and why?"] for name in ("off", "a", "dev", "host", "disk")}
     want = dict(zip(prompts, _reference(runner, list(prompts.values()), 12), strict=True))
 
-    off = _engine(runner, "cache.prefix_caching=false", "cache.host_bytes=0")
+    off = started_engine(runner, "cache.prefix_caching=false", "cache.host_bytes=0")
     for name in ("off", "a"):
         got, final = _run(off, name, prompts[name])
         assert got.tokens(name) == want[name] and final.usage.cached_tokens == 0
     assert off.shutdown(5)
 
-    engine = _engine(runner, f"cache.disk_path='{tmp_path}'")
+    engine = started_engine(runner, f"cache.disk_path='{tmp_path}'")
     got, final = _run(engine, "a", prompts["a"])
     assert got.tokens("a") == want["a"] and final.usage.cached_tokens == 0
     got, final = _run(engine, "dev", prompts["dev"])
@@ -84,11 +77,11 @@ def test_greedy_outputs_are_identical_cache_off_and_after_device_host_and_disk_h
 def test_a_restart_on_the_same_disk_directory_reuses_its_pages(runner: Runner, tmp_path: Path) -> None:
     prompt = SYSTEM + [1, 2, 3]
     want = _reference(runner, [prompt], 10)[0]
-    first = _engine(runner, f"cache.disk_path='{tmp_path}'")
+    first = started_engine(runner, f"cache.disk_path='{tmp_path}'")
     _run(first, "a", prompt, 10)
     assert first.shutdown(5)  # persists the cached pages to disk
     assert len(list(tmp_path.rglob("*.kvpage"))) >= 6
-    second = _engine(runner, f"cache.disk_path='{tmp_path}'")
+    second = started_engine(runner, f"cache.disk_path='{tmp_path}'")
     got, final = _run(second, "b", prompt, 10)
     assert got.tokens("b") == want and final.usage.cached_disk == 48
     assert second.shutdown(5)
@@ -97,7 +90,7 @@ def test_a_restart_on_the_same_disk_directory_reuses_its_pages(runner: Runner, t
 def test_a_corrupted_disk_page_is_a_miss_and_the_output_stays_right(runner: Runner, tmp_path: Path) -> None:
     prompt = SYSTEM + [7, 7, 7]
     want = _reference(runner, [prompt], 10)[0]
-    engine = _engine(runner, f"cache.disk_path='{tmp_path}'")
+    engine = started_engine(runner, f"cache.disk_path='{tmp_path}'")
     got, first = _run(engine, "a", prompt, 10)
     engine.evict_cache("host")
     for path in tmp_path.rglob("*.kvpage"):
@@ -119,7 +112,7 @@ def test_memory_pressure_with_shared_prefixes_and_cancellations_conserves_pages(
     prompts = [list(systems[rng.randint(3)]) + list(rng.randint(0, 256, rng.randint(1, 40))) for _ in range(100)]
     want = _reference(runner, prompts, 24)
     # 20 pages of 8 tokens hold about two sequences; the host tier holds 12 pages, the disk the rest.
-    engine = _engine(runner, "cache.num_pages=21", f"cache.host_bytes={12 * runner.page_bytes}",
+    engine = started_engine(runner, "cache.num_pages=21", f"cache.host_bytes={12 * runner.page_bytes}",
                      f"cache.disk_path='{tmp_path}'", f"cache.disk_bytes={200 * runner.page_bytes}",
                      f"engine.preemption={preemption}", "engine.swap_min_tokens=0", "engine.max_waiting=200")
     got = Collector()

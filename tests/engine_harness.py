@@ -1,10 +1,22 @@
-"""A sink for engine outputs shared by the engine-level tests: gathers each request's deltas, waits for finishes."""
+"""What the engine-level tests share: a started engine on the tiny config over a shared runner, and a sink that
+gathers each request's outputs and waits for finishes."""
 
 from __future__ import annotations
 
 import threading
 
-from jaxserve.engine import RequestOutput
+from jaxserve.config import load_config
+from jaxserve.engine import Engine, RequestOutput
+from jaxserve.runner import Runner
+from jaxserve.tokenizer import ByteTokenizer
+
+
+def started_engine(runner: Runner, *overrides: str) -> Engine:
+    """An engine on configs/tiny.toml plus `overrides`, started. Overrides only shape the engine (a smaller page
+    allocator, queue limits, cache tiers); the runner's pool is a superset."""
+    engine = Engine(load_config("configs/tiny.toml", ["runner.warmup=false", *overrides]), runner, ByteTokenizer())
+    engine.start()
+    return engine
 
 
 class Collector:
