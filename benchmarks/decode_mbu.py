@@ -4,7 +4,9 @@ For each config and batch size: fill `--context` tokens of KV per row, then time
 `Runner.decode` exactly as the engine calls it (one device-to-host read of the sampled ids per step).
 MBU = (bytes of weights + KV read per step) / step time / measured bandwidth, where the bandwidth is that of a
 jitted float32 reduction over `--bandwidth_gib` GiB on the same devices, measured in the same run. The last column
-is the rate at which plain jitted matmuls of that batch size read their weights here: the practical ceiling.
+columns are the rates at which a chain of matmuls of that batch size reads its weights here, with XLA's own dot
+and with the CPU matmul kernel (jaxserve/kernels): the practical ceilings. `--cpu_kernels` lists the
+`runner.cpu_kernels` settings to measure, so one run compares the kernels against the pure-JAX path.
 
     python benchmarks/decode_mbu.py --configs configs/default.toml,configs/bench-110m.toml --batches 1,8,32
 """
@@ -20,8 +22,11 @@ import numpy as np
 from absl import app, flags
 
 from jaxserve.config import Config, load_config
+from jaxserve.kernels import build as kernels
+from jaxserve.kernels.matmul import pack, packed_matmul
 from jaxserve.kv.pages import block_table_array, pages_for
 from jaxserve.runner import Runner, StepBatch
+from models import llama
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["configs/default.toml", "configs/bench-110m.toml"], "Config files to measure.")
@@ -29,6 +34,7 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("context", 256, "Tokens already in each row's KV cache.")
 flags.DEFINE_integer("steps", 64, "Timed decode steps per batch size.")
 flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array the bandwidth probe reduces.")
+flags.DEFINE_list("cpu_kernels", ["auto", "off"], "runner.cpu_kernels settings to measure, each in turn.")
 flags.DEFINE_multi_string("set", [], "Overrides applied to every config (section.field=value).")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 
@@ -46,16 +52,21 @@ def measure_bandwidth(gib: float) -> float:
     return x.nbytes / best
 
 
-def measure_matmul_bandwidth(rows: int, width: int = 768, depth: int = 36) -> float:
-    """Bytes/s at which a chain of jitted [rows, width] x [width, 4 * width] float32 matmuls reads its weights.
+def measure_matmul_bandwidth(rows: int, kernel: bool, width: int = 768, depth: int = 36) -> float:
+    """Bytes/s at which a chain of jitted [rows, width] x [width, 4 * width] float32 matmuls reads its weights,
+    on XLA's dot or (`kernel`) on the packed CPU matmul kernel.
 
-    The ceiling the decode's weight reads can reach at this batch size with the machine's matmul kernels; on some
-    CPUs small-M matmuls stream weights at well under the reduction bandwidth.
+    The ceiling the decode's weight reads can reach at this batch size; on some CPUs XLA's small-M matmuls stream
+    weights at well under the reduction bandwidth.
     """
     keys = jax.random.split(jax.random.key(0), depth)
     weights = [jax.random.normal(k, (width, 4 * width), jnp.float32) for k in keys]
     x = jnp.ones((rows, width), jnp.float32)
-    chain = jax.jit(lambda ws, x: sum(jnp.sum(x @ w) for w in ws))
+    if kernel:
+        weights = [pack(w) for w in weights]
+        chain = jax.jit(lambda ws, x: sum(jnp.sum(packed_matmul(x, w, 4 * width)) for w in ws))
+    else:
+        chain = jax.jit(lambda ws, x: sum(jnp.sum(x @ w) for w in ws))
     chain(weights, x).block_until_ready()
     best = float("inf")
     for _ in range(5):
@@ -65,8 +76,17 @@ def measure_matmul_bandwidth(rows: int, width: int = 768, depth: int = 36) -> fl
     return sum(w.nbytes for w in weights) / best
 
 
-def _param_bytes(runner: Runner) -> int:
-    return sum(a.nbytes for a in jax.tree.leaves(runner.params))
+def _weight_bytes_read(config: Config) -> int:
+    """Weight bytes a decode step reads: every weight once, except an untied embedding table (only looked up).
+
+    Counted from the model's shapes, not the runner's arrays: packing for the CPU kernels pads and, with tied
+    embeddings, holds the head twice, and neither is read twice.
+    """
+    tree = llama.abstract_params(config.model)
+    total = sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+    if not config.model.tie_embeddings:
+        total -= tree["embed"]["embedding"].size * jnp.dtype(tree["embed"]["embedding"].dtype).itemsize
+    return total
 
 
 def _kv_bytes_read(config: Config, rows: int, context: int) -> int:
@@ -108,26 +128,32 @@ def main(argv: list[str]) -> None:
     bandwidth = measure_bandwidth(FLAGS.bandwidth_gib)
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
           f"measured bandwidth={bandwidth / 1e9:.1f} GB/s")
+    batches = [int(b) for b in FLAGS.batches]
+    matmul = {rows: measure_matmul_bandwidth(rows, kernel=False) for rows in batches}
+    kernel_matmul = {rows: measure_matmul_bandwidth(rows, kernel=True) if kernels.available() else float("nan")
+                     for rows in batches}
     results = []
     for path in FLAGS.configs:
-        batches = [int(b) for b in FLAGS.batches]
-        config = load_config(path, ["runner.warmup=false", f"runner.batch_buckets={sorted(set(batches))}",
-                                    *FLAGS.set])
-        runner = Runner(config)
-        weights = _param_bytes(runner)
-        print(f"\n{config.model.name}: {weights / 1e6:.1f} MB of weights ({config.model.param_dtype}), "
-              f"context {FLAGS.context}")
-        print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'MB read':>8} {'MBU':>6} {'matmul GB/s':>12}")
-        for rows in batches:
-            seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps)
-            read = weights + _kv_bytes_read(config, rows, FLAGS.context)
-            mbu = read / seconds / bandwidth
-            matmul = measure_matmul_bandwidth(rows)
-            print(f"{rows:>5} {seconds * 1e3:>8.2f} {rows / seconds:>8.1f} {read / 1e6:>8.1f} {mbu:>6.1%} "
-                  f"{matmul / 1e9:>12.1f}")
-            results.append({"model": config.model.name, "batch": rows, "step_ms": seconds * 1e3,
-                            "tokens_per_s": rows / seconds, "bytes_per_step": read, "mbu": mbu,
-                            "bandwidth_gbs": bandwidth / 1e9, "matmul_gbs": matmul / 1e9})
+        for mode in FLAGS.cpu_kernels:
+            config = load_config(path, ["runner.warmup=false", f"runner.batch_buckets={sorted(set(batches))}",
+                                        f"runner.cpu_kernels={mode}", *FLAGS.set])
+            runner = Runner(config)
+            weights = _weight_bytes_read(config)
+            print(f"\n{config.model.name}, cpu_kernels={mode} (used: {runner.cpu_kernels}): {weights / 1e6:.1f} MB "
+                  f"of weights ({config.model.param_dtype}), context {FLAGS.context}")
+            print(f"{'batch':>5} {'step ms':>8} {'tok/s':>8} {'MB read':>8} {'MBU':>6} {'xla mm GB/s':>12} "
+                  f"{'kernel mm GB/s':>15}")
+            for rows in batches:
+                seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps)
+                read = weights + _kv_bytes_read(config, rows, FLAGS.context)
+                mbu = read / seconds / bandwidth
+                print(f"{rows:>5} {seconds * 1e3:>8.2f} {rows / seconds:>8.1f} {read / 1e6:>8.1f} {mbu:>6.1%} "
+                      f"{matmul[rows] / 1e9:>12.1f} {kernel_matmul[rows] / 1e9:>15.1f}")
+                results.append({"model": config.model.name, "cpu_kernels": runner.cpu_kernels, "batch": rows,
+                                "step_ms": seconds * 1e3, "tokens_per_s": rows / seconds, "bytes_per_step": read,
+                                "mbu": mbu, "bandwidth_gbs": bandwidth / 1e9, "xla_matmul_gbs": matmul[rows] / 1e9,
+                                "kernel_matmul_gbs": kernel_matmul[rows] / 1e9})
+            del runner
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(results, f, indent=1)

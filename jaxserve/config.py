@@ -158,9 +158,15 @@ class RunnerConfig:
     prefill_buckets: tuple[int, ...] = (16, 64, 256)
     max_logprobs: int = 5
     warmup: bool = True
+    # The hand-written CPU kernels (jaxserve/kernels) for matmuls and decode attention: "auto" uses them on a CPU
+    # backend with a float32 model and KV cache when they build here, "on" fails at start when they cannot be
+    # used, "off" keeps the pure-JAX path.
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_seq_len > 0, "runner.max_seq_len", f"must be > 0, got {self.max_seq_len}")
+        _require(self.cpu_kernels in ("auto", "on", "off"), "runner.cpu_kernels",
+                 f"must be one of auto, on, off; got {self.cpu_kernels!r}")
         for f in ("batch_buckets", "prefill_buckets"):
             v = getattr(self, f)
             _require(len(v) > 0 and all(b > 0 for b in v) and list(v) == sorted(set(v)), f"runner.{f}",

@@ -23,6 +23,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import Config
+from jaxserve.kernels import build as kernels
 from jaxserve.parallel import layout
 from jaxserve.parallel.mesh import logical_to_spec, make_mesh, mesh_axis
 from jaxserve.parallel.pipeline import microbatching, run_stages
@@ -121,6 +122,30 @@ class PagePayload:
         return self._page  # type: ignore[return-value]
 
 
+def use_cpu_kernels(config: Config, mesh: Mesh) -> bool:
+    """Whether steps run on the hand-written CPU kernels (`runner.cpu_kernels`; see jaxserve/kernels).
+
+    "auto" takes them where they apply and build, "on" raises ValueError saying why they cannot be used.
+    """
+    mode = config.runner.cpu_kernels
+    if mode == "off":
+        return False
+    why = []
+    platform = mesh.devices.flat[0].platform
+    if platform != "cpu":
+        why.append(f"the backend is {platform}, not cpu")
+    dtypes = {config.model.dtype, config.model.param_dtype, config.cache.dtype}
+    if dtypes != {"float32"}:
+        why.append(f"they are float32 only and the model or KV cache uses {sorted(dtypes - {'float32'})}")
+    if not why and not kernels.available():
+        why.append(kernels.unavailable_reason())
+    if why and mode == "on":
+        raise ValueError(f"runner.cpu_kernels=on but the CPU kernels cannot be used: {'; '.join(why)}")
+    if why:
+        logging.info("CPU kernels not used: %s", "; ".join(why))
+    return not why
+
+
 class Runner:
     """Compiled prefill/decode over a paged KV pool on a (data, pipeline, tensor) mesh."""
 
@@ -129,7 +154,12 @@ class Runner:
         # Padding rows of the vocabulary (model.sampled_vocab_size) are masked so they can never be sampled.
         self.sampled_vocab = config.model.sampled_vocab_size or config.model.vocab_size
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
-        self.params = params if params is not None else layout.random_serving_params(config, self.mesh)
+        params = params if params is not None else layout.random_serving_params(config, self.mesh)
+        self.cpu_kernels = use_cpu_kernels(config, self.mesh)
+        if self.cpu_kernels:
+            params = layout.pack_for_cpu_kernels(params, config, self.mesh)
+        self.params = params
+        self.param_specs = layout.serving_specs(config, packed=self.cpu_kernels)
         self.local = llama.LocalShapes.of(config.model, config.mesh.tensor)
         self.kv = self._new_pool()
         self.page_buckets = page_buckets(config.max_pages_per_seq)
@@ -213,7 +243,7 @@ class Runner:
         split, split_table, merge = microbatching(tokens.shape[0], tokens.shape[1], micro)
         steps = llama.StepInputs(split(positions), split(slots), split_table(block_table), split(cos), split(sin))
 
-        layer = llama.DecoderLayer(cfg, self.local, tensor_axis)
+        layer = llama.DecoderLayer(cfg, self.local, tensor_axis, self.cpu_kernels)
 
         def layer_fn(j: int, h: jax.Array, kv_j: tuple[jax.Array, jax.Array], s: llama.StepInputs):
             return layer.apply({"params": layers[j]}, h, kv_j, s)
@@ -226,7 +256,7 @@ class Runner:
               ) -> tuple[Sampled | jax.Array, KVPool]:
         cfg = self.config.model
         vocab_axis = mesh_axis("vocab") if self.config.mesh.tensor > 1 else None
-        param_specs = layout.serving_specs(self.config)
+        param_specs = self.param_specs
         kv_spec = logical_to_spec(KV_AXES)
         kv_specs = [(kv_spec, kv_spec)] * len(kv)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from jaxserve.config import ModelConfig
+from jaxserve.kernels.matmul import packed_matmul
 from models.attention import paged_attention, write_kv
 
 Params = dict[str, Any]
@@ -106,7 +108,11 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """A dense projection whose kernel has named logical axes (and an optional bias over the output axes)."""
+    """A dense projection whose kernel has named logical axes (and an optional bias over the output axes).
+
+    When the params hold `packed` (the kernel laid out for the CPU matmul kernel by `pack_projections`) instead of
+    `kernel`, the product runs on that kernel: same math, the weights streamed at memory bandwidth.
+    """
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -118,13 +124,18 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                   self.in_axes + self.out_axes),
-                            self.in_shape + self.out_shape, self.param_dtype)
         n_in = len(self.in_shape)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
-                                preferred_element_type=jnp.float32)
+        if self.has_variable("params", "packed"):
+            lead = x.shape[:x.ndim - n_in]
+            y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.get_variable("params", "packed"),
+                              math.prod(self.out_shape)).reshape(*lead, *self.out_shape)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                       self.in_axes + self.out_axes),
+                                self.in_shape + self.out_shape, self.param_dtype)
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
+                                    preferred_element_type=jnp.float32)
         if self.use_bias:
             # Random rather than zero so that a fresh model exercises the bias path against the reference.
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.out_axes),
@@ -153,6 +164,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     local: LocalShapes
+    cpu_kernels: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs
@@ -175,7 +187,7 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         groups = loc.num_heads // loc.num_kv_heads
         out = paged_attention(q.reshape(b, t, loc.num_kv_heads, groups, hd), k_pool, v_pool, step.block_table,
-                              step.positions, cfg.sliding_window)
+                              step.positions, cfg.sliding_window, self.cpu_kernels)
         out = out.reshape(b, t, loc.num_heads, hd)
         y = Projection((loc.num_heads, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype,
                        name="o_proj")(out)
@@ -205,6 +217,8 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     local: LocalShapes
     tensor_axis: str | None
+    # Decode attention on the CPU kernel (the projections follow their params: packed or not).
+    cpu_kernels: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs
@@ -213,7 +227,7 @@ class DecoderLayer(nn.Module):
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
-            h, kv = Attention(cfg, self.local, name="attn")(h, kv, step)
+            h, kv = Attention(cfg, self.local, self.cpu_kernels, name="attn")(h, kv, step)
             x = x + self._all_reduce(h)
         with jax.named_scope("mlp"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
@@ -224,6 +238,30 @@ class DecoderLayer(nn.Module):
         if self.tensor_axis is None:
             return partial
         return jax.lax.psum(partial.astype(jnp.float32), self.tensor_axis).astype(partial.dtype)
+
+
+# Leading dims of each projection's kernel that it contracts with its input (after any stacked layer axes); the
+# rest are output dims. o_proj reads [heads, head_dim].
+PROJECTION_INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                         "down_proj": 1}
+
+
+def pack_projections(layer: Params, fn: Callable[[Any, int], Any]) -> Params:
+    """One layer's params with each projection's `kernel` replaced by `packed` = fn(kernel, input dims).
+
+    Works on any tree shaped like a layer's params (arrays, PartitionSpecs); biases and norms are kept as they are.
+    """
+    def walk(tree: Params) -> Params:
+        out = {}
+        for name, sub in tree.items():
+            if name in PROJECTION_INPUT_DIMS:
+                sub = {("packed" if k == "kernel" else k): (fn(v, PROJECTION_INPUT_DIMS[name]) if k == "kernel"
+                                                           else v) for k, v in sub.items()}
+            elif isinstance(sub, dict):
+                sub = walk(sub)
+            out[name] = sub
+        return out
+    return walk(layer)
 
 
 def declare_layer(cfg: ModelConfig, tensor: int = 1) -> DecoderLayer:
@@ -319,6 +357,12 @@ def lm_logits(params: Params, cfg: ModelConfig, h: jax.Array, vocab_axis: str | 
     """Final norm and LM head: hidden [..., D] -> float32 logits [..., V] gathered over the vocabulary shards."""
     dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, h)
+    if "packed" in params.get("lm_head", {}):
+        packed = params["lm_head"]["packed"]  # [panels, D, TILE] of this device's vocabulary slice
+        logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0])  # vocab rows of this device
+        if vocab_axis is None:
+            return logits
+        return jax.lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)
     if cfg.tie_embeddings:
         kernel = params["embed"]["embedding"].T  # [D, V / tensor]
     else:

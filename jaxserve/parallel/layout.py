@@ -10,6 +10,7 @@ slicing a stacked [L / P, ...] block per layer would copy every weight on every 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import Config
-from jaxserve.parallel.mesh import logical_to_spec
+from jaxserve.kernels import matmul
+from jaxserve.parallel.mesh import logical_to_spec, mesh_axis
 from models import llama
 
 Params = dict[str, Any]
@@ -36,13 +38,50 @@ def canonical_specs(config: Config) -> Params:
     return jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
 
 
-def serving_specs(config: Config) -> Params:
-    """PartitionSpecs of the serving tree: the canonical ones with `layers` standing for the per-stage axis."""
+def _packed_axes(axes: tuple[str | None, ...], n_in: int) -> tuple[str | None, ...]:
+    """Logical axes of a packed kernel: [layers, *in, *out] -> [layers, panels, K, TILE]. Each device packs its
+    own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of K."""
+    def sharded(names: tuple[str | None, ...]) -> str | None:
+        return next((a for a in names if a is not None and mesh_axis(a) is not None), None)
+    return (axes[0], sharded(axes[1 + n_in:]), sharded(axes[1:1 + n_in]), None)
+
+
+def serving_specs(config: Config, packed: bool = False) -> Params:
+    """PartitionSpecs of the serving tree: the canonical ones with `layers` standing for the per-stage axis.
+
+    `packed`: the tree `pack_for_cpu_kernels` returns, projections packed and a packed LM head added.
+    """
     axes = llama.logical_axes(config.model)
-    layer_specs = jax.tree.map(logical_to_spec, axes.pop("layers"), is_leaf=_is_axes)
+    layer_axes = axes.pop("layers")
+    if packed:
+        layer_axes = llama.pack_projections(layer_axes, _packed_axes)
+        axes["lm_head"] = {"packed": ("vocab", None, None)}
     specs = jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
-    specs["layers"] = [layer_specs] * (config.model.num_layers // config.mesh.pipeline)
+    specs["layers"] = [jax.tree.map(logical_to_spec, layer_axes, is_leaf=_is_axes)] * (
+        config.model.num_layers // config.mesh.pipeline)
     return specs
+
+
+def pack_for_cpu_kernels(params: Params, config: Config, mesh: Mesh) -> Params:
+    """The serving tree with every projection kernel, and the LM head, packed for the CPU matmul kernel.
+
+    Each device packs its own shard (under shard_map), so packing never gathers a weight. Projection kernels are
+    replaced; the embedding table stays for the lookup (tied embeddings then hold the head twice, once packed).
+    """
+    def pack_local(a: jax.Array, n_in: int) -> jax.Array:  # a: [1 stage, *in, *out]
+        k = math.prod(a.shape[1:1 + n_in])
+        return matmul.pack(a.reshape(k, -1))[None]
+
+    def body(p: Params) -> Params:
+        out = dict(p)
+        out["layers"] = [llama.pack_projections(layer, pack_local) for layer in p["layers"]]
+        head = p["embed"]["embedding"].T if config.model.tie_embeddings else p["lm_head"]["kernel"]
+        out["lm_head"] = {"packed": matmul.pack(head)}
+        return out
+
+    out_specs = serving_specs(config, packed=True)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(serving_specs(config),), out_specs=out_specs, check_vma=False)
+    return jax.jit(fn, out_shardings=shardings(mesh, out_specs))(params)
 
 
 def shardings(mesh: Mesh, specs: Params) -> Params:

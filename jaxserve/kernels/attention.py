@@ -1,0 +1,53 @@
+"""Paged decode attention on the CPU kernel (see cpu/attention.cc for why a kernel).
+
+Same semantics as the decode path of `models.attention.paged_attention` (one query per row, online softmax over
+the row's pages); the kernel reads only the pages holding a row's allowed keys, in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    block_table: jax.Array,
+    positions: jax.Array,
+    sliding_window: int = 0,
+) -> jax.Array:
+    """Grouped-query attention of one query per row over the pages of its sequence.
+
+    q: [B, 1, Hkv, G, D]; k_pool, v_pool: [num_pages, Hkv, page_size, D] float32, already holding this step's
+    keys and values; block_table: [B, n] page ids; positions: [B, 1] absolute position of the query (-1 for a
+    padding row, whose output is zeros). Key j is allowed iff j <= position and, with a sliding window,
+    j > position - sliding_window. Returns [B, 1, Hkv, G, D] in q's dtype.
+
+    A position needing more than n pages attends over the n columns the table has. Only the columns holding
+    allowed keys are read, so unused columns may hold anything; a page id outside [0, num_pages) in a column that
+    is read fails the call (InvalidArgument from the kernel) rather than being clamped: a corrupt block table is
+    a bug upstream, and clamping would hide it behind plausible-looking output.
+    """
+    if q.ndim != 5 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
+    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
+                         f"{v_pool.shape}")
+    if k_pool.dtype != jnp.float32 or v_pool.dtype != jnp.float32:
+        raise ValueError(f"k_pool and v_pool must be float32, got {k_pool.dtype} and {v_pool.dtype}")
+    b, _, h, _, d = q.shape
+    if (k_pool.shape[1], k_pool.shape[3]) != (h, d):
+        raise ValueError(f"pools' Hkv and D {k_pool.shape[1], k_pool.shape[3]} differ from q's {h, d}")
+    if block_table.ndim != 2 or block_table.shape[0] != b:
+        raise ValueError(f"block_table must be [B={b}, n], got shape {block_table.shape}")
+    if positions.shape != (b, 1):
+        raise ValueError(f"positions must be [B={b}, 1], got shape {positions.shape}")
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    call = jax.ffi.ffi_call("jaxserve_paged_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
+               sliding_window=np.int32(sliding_window))
+    return out.astype(q.dtype)

@@ -1,0 +1,213 @@
+// Paged decode attention: one query per row over that row's own KV pages, read in place, once.
+//
+// Why: decode attention on CPU is bound by how fast the keys and values stream from memory. XLA either gathers
+// every page of the block-table bucket into a copy (XLA:CPU copies at ~6 GB/s) or loops over page columns with many
+// small ops, and both read every column of the bucket, not only the pages a row uses. Here each (row, block of KV
+// heads) item walks only the pages holding its allowed keys, with an online (flash-decoding) softmax in float32,
+// and serves all G query heads of a KV head from the same pass so each page is read once.
+//
+// A page id outside [0, num_pages) in a column that will be read fails the call with InvalidArgument (checked
+// before any work); columns past a row's last page are never read, so they may hold anything.
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace jaxserve {
+namespace {
+
+namespace ffi = xla::ffi;
+
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+#if defined(__AVX512F__)
+constexpr vint kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+constexpr vint kIota = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+
+// Sum of the lanes by a shuffle tree: log2(kLanes) shuffle-adds instead of a serial chain of kLanes adds.
+inline float hsum(vfloat v) {
+  for (int step = kLanes / 2; step > 0; step /= 2) v += __builtin_shuffle(v, kIota ^ step);
+  return v[0];
+}
+
+struct Problem {
+  const float* q;          // [B, Hkv, G, D]
+  const float* k;          // [num_pages, Hkv, page_size, D]
+  const float* v;          // [num_pages, Hkv, page_size, D]
+  const int32_t* table;    // [B, cols]
+  float* out;              // [B, Hkv, G, D]
+  int64_t cols, heads, groups, page_size, dim;
+};
+
+// The allowed keys of one row, [first, last]; empty when first > last.
+struct KeyRange {
+  int64_t first, last;
+};
+
+// NV > 0: D == NV * kLanes, so the loops have fixed trip counts and the accumulators stay in registers.
+// NV == 0: any D, whole vectors then a scalar tail.
+template <int NV>
+inline float dot(const float* a, const float* __restrict b, int64_t d) {
+  const int64_t nv = NV > 0 ? NV : d / kLanes;
+  vfloat acc{};
+  for (int64_t i = 0; i < nv; ++i) acc += load(a + i * kLanes) * load(b + i * kLanes);
+  float s = hsum(acc);
+  if constexpr (NV == 0)
+    for (int64_t i = nv * kLanes; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// acc[0:d] = acc * rescale + sum_j w[j] * rows[j, 0:d].
+template <int NV>
+inline void accumulate(const float* w, const float* __restrict rows, int64_t n, float rescale, float* acc,
+                       int64_t d) {
+  if constexpr (NV > 0) {
+    vfloat a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = load(acc + i * kLanes) * rescale;
+    for (int64_t j = 0; j < n; ++j) {
+      const vfloat wj = splat(w[j]);
+      for (int i = 0; i < NV; ++i) a[i] += wj * load(rows + j * NV * kLanes + i * kLanes);
+    }
+    for (int i = 0; i < NV; ++i) store(acc + i * kLanes, a[i]);
+  } else {
+    for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < d; ++i) acc[i] += w[j] * rows[j * d + i];
+  }
+}
+
+// Attention of row b's query heads for KV heads [h0, h1) over keys [keys.first, keys.last], written to out[b].
+// The heads of a block are visited together for each page: their K (and V) chunks are adjacent in the pool, so a
+// page is read as one contiguous run instead of one 4 KB chunk per head, which the hardware prefetcher streams
+// about twice as fast on scattered pages.
+template <int NV>
+void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) {
+  const int64_t rows = (h1 - h0) * p.groups, d = p.dim, ps = p.page_size;  // rows: query heads of the block
+  float* out = p.out + (b * p.heads + h0) * p.groups * d;  // [rows, D], the unnormalised accumulator until the end
+  std::fill(out, out + rows * d, 0.0f);
+  if (keys.first > keys.last) return;  // padding row, or a window entirely past the table: zeros
+
+  std::vector<float> scratch(rows * (d + ps + 2));
+  float* query = scratch.data();     // [rows, D], pre-scaled by d**-0.5
+  float* scores = query + rows * d;  // [rows, page_size], then the softmax weights
+  float* top = scores + rows * ps;   // [rows] running max
+  float* total = top + rows;         // [rows] running sum of weights
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float* q = p.q + (b * p.heads + h0) * p.groups * d;
+  for (int64_t i = 0; i < rows * d; ++i) query[i] = q[i] * scale;
+  std::fill(top, top + rows, -INFINITY);
+  std::fill(total, total + rows, 0.0f);
+
+  const int32_t* row_pages = p.table + b * p.cols;
+  for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
+    const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
+    const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;  // allowed keys in this page
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t chunk = ((static_cast<int64_t>(row_pages[c]) * p.heads + h) * ps + j0) * d;
+      const float* k = p.k + chunk;  // [n, D]
+      const float* v = p.v + chunk;
+      const int64_t r0 = (h - h0) * p.groups;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t r = r0; r < r0 + p.groups; ++r) scores[r * ps + j] = dot<NV>(query + r * d, k + j * d, d);
+      for (int64_t r = r0; r < r0 + p.groups; ++r) {
+        float* s = scores + r * ps;
+        float new_top = top[r];
+        for (int64_t j = 0; j < n; ++j) new_top = std::max(new_top, s[j]);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = std::exp(s[j] - new_top);
+          sum += s[j];
+        }
+        const float rescale = std::exp(top[r] - new_top);  // 0 on the first page: top is -inf
+        total[r] = total[r] * rescale + sum;
+        top[r] = new_top;
+        accumulate<NV>(s, v, n, rescale, out + r * d, d);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.0f / total[r];
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] *= inv;
+  }
+}
+
+// Items are (row, block of KV heads): whole rows where there are enough rows to keep every thread busy, else rows
+// split into head blocks until there are about two items per thread.
+template <int NV>
+void attend_all(ffi::ThreadPool& pool, const Problem& p, const std::vector<KeyRange>& ranges) {
+  const int64_t batch = static_cast<int64_t>(ranges.size());
+  const int64_t wanted = 2 * std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t splits = std::clamp<int64_t>((wanted + batch - 1) / std::max<int64_t>(batch, 1), 1, p.heads);
+  const int64_t block = (p.heads + splits - 1) / splits;
+  const int64_t blocks = (p.heads + block - 1) / block;
+  parallel_for(pool, batch * blocks, [&](int64_t item) {
+    const int64_t b = item / blocks, h0 = item % blocks * block;
+    attend<NV>(p, b, h0, std::min(h0 + block, p.heads), ranges[b]);
+  });
+}
+
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pool,
+                                ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> block_table,
+                                ffi::Buffer<ffi::S32> positions, int32_t sliding_window,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
+  const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
+  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || pd.size() != 2 || od.size() != 5)
+    return ffi::Error::InvalidArgument(
+        "paged_decode_attention: q and out must be [B, 1, Hkv, G, D], pools [num_pages, Hkv, page_size, D], "
+        "block_table [B, n], positions [B, 1]");
+  const int64_t batch = qd[0], heads = qd[2], groups = qd[3], dim = qd[4];
+  const int64_t num_pages = kd[0], page_size = kd[2], cols = td[1];
+  for (size_t i = 0; i < 4; ++i)
+    if (vd[i] != kd[i]) return ffi::Error::InvalidArgument("paged_decode_attention: k_pool and v_pool differ");
+  for (size_t i = 0; i < 5; ++i)
+    if (od[i] != qd[i]) return ffi::Error::InvalidArgument("paged_decode_attention: out must have q's shape");
+  if (qd[1] != 1 || kd[1] != heads || kd[3] != dim || td[0] != batch || pd[0] != batch || pd[1] != 1)
+    return ffi::Error::InvalidArgument("paged_decode_attention: shapes of q, pools, block_table, positions disagree");
+  if (sliding_window < 0) return ffi::Error::InvalidArgument("paged_decode_attention: sliding_window < 0");
+
+  // Each row's allowed keys, clamped to the table's columns, and a check of the only page ids that will be read.
+  const int32_t* table = block_table.typed_data();
+  const int32_t* pos = positions.typed_data();
+  std::vector<KeyRange> ranges(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t at = pos[b];
+    const int64_t first = sliding_window > 0 ? std::max<int64_t>(at - sliding_window + 1, 0) : 0;
+    ranges[b] = {first, std::min<int64_t>(at, cols * page_size - 1)};  // at < 0 (padding) gives an empty range
+    if (ranges[b].first > ranges[b].last) continue;
+    for (int64_t c = ranges[b].first / page_size; c <= ranges[b].last / page_size; ++c) {
+      const int32_t page = table[b * cols + c];
+      if (page < 0 || page >= num_pages)
+        return ffi::Error::InvalidArgument("paged_decode_attention: block_table[" + std::to_string(b) + ", " +
+                                           std::to_string(c) + "] = " + std::to_string(page) +
+                                           " is outside [0, " + std::to_string(num_pages) + ")");
+    }
+  }
+  const Problem p{q.typed_data(), k_pool.typed_data(), v_pool.typed_data(), table, out->typed_data(),
+                  cols, heads, groups, page_size, dim};
+  switch (dim == 0 || dim % kLanes ? 0 : dim / kLanes) {
+    case 1: attend_all<1>(pool, p, ranges); break;
+    case 2: attend_all<2>(pool, p, ranges); break;
+    case 4: attend_all<4>(pool, p, ranges); break;
+    case 8: attend_all<8>(pool, p, ranges); break;
+    default: attend_all<0>(pool, p, ranges); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jaxserve
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttention, jaxserve::PagedDecodeAttention,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_pool
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // block_table
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // positions
+                                  .Attr<int32_t>("sliding_window")
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());

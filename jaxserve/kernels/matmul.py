@@ -1,0 +1,38 @@
+"""Matmuls against pre-packed weights for the CPU kernel (see cpu/matmul.cc for why packing).
+
+A [K, N] weight is packed once, at load, into [N_padded / TILE, K, TILE] panels; `packed_matmul` then computes
+x @ W for any number of rows. The logical N travels with the call so padding columns are dropped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+TILE = 64
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """[K, N] -> [ceil(N / TILE), K, TILE], zero-padded past N."""
+    k, n = w.shape
+    panels = -(-n // TILE)
+    w = jnp.pad(w, ((0, 0), (0, panels * TILE - n)))
+    return w.reshape(k, panels, TILE).transpose(1, 0, 2)
+
+
+def unpack(packed: jax.Array, n: int) -> jax.Array:
+    """The inverse of `pack`: [panels, K, TILE] -> [K, n]."""
+    panels, k, _ = packed.shape
+    return packed.transpose(1, 0, 2).reshape(k, panels * TILE)[:, :n]
+
+
+def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """x [..., K] float32 @ the packed weight -> [..., n] float32, on the CPU kernel."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = 1
+    for s in lead:
+        rows *= s
+    panels = packed.shape[0]
+    call = jax.ffi.ffi_call("jaxserve_packed_matmul", jax.ShapeDtypeStruct((rows, panels * TILE), jnp.float32))
+    y = call(x.reshape(rows, k).astype(jnp.float32), packed)
+    return y[:, :n].reshape(*lead, n)

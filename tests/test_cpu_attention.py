@@ -1,0 +1,143 @@
+"""jaxserve/kernels/attention.py (the CPU paged decode attention kernel) against a float64 dense reference and the
+pure-JAX decode paths of models/attention.py: scattered pages, grouped queries, head dims that are and are not a
+multiple of the vector width, sliding windows, padding rows, positions on page boundaries, block tables wider than
+needed whose unused columns and slots hold garbage, and inside jax.jit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention import _dense
+
+from jaxserve.kernels import build
+
+if not build.available():
+    pytest.skip(f"CPU kernels unavailable: {build.unavailable_reason()}", allow_module_level=True)
+
+from jaxserve.kernels.attention import paged_decode_attention  # noqa: E402
+from models import attention  # noqa: E402
+
+COLS = 6  # block-table columns; every row below needs at most COLS - 1, so the last column is always unused
+GARBAGE = 1e3  # scale of the values in slots no row may read: a leak into any output is far past the tolerance
+
+
+def _boundary_positions(page_size: int) -> list[int]:
+    """Nine rows: padding, both sides of two page boundaries, the first key, and the largest context."""
+    p = page_size
+    return [0, p - 1, p, -1, 2 * p - 1, 2 * p, 3 * p + p // 2, 4 * p, (COLS - 1) * p - 1]
+
+
+def _problem(rng: np.random.RandomState, positions: list[int], kv_heads: int, groups: int, head_dim: int,
+             page_size: int) -> tuple[np.ndarray, ...]:
+    """Random q, pools and block table for rows at `positions`: each row's pages are distinct and scattered; the
+    columns a row does not need point at garbage pages, and slots past a row's position hold garbage too."""
+    b = len(positions)
+    num_pages = b * COLS + 5
+    shape = (num_pages, kv_heads, page_size, head_dim)
+    k_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
+    v_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
+    order = rng.permutation(num_pages)
+    table = order[: b * COLS].reshape(b, COLS).astype(np.int32)
+    garbage_pages = order[b * COLS:]
+    for r, pos in enumerate(positions):
+        used = pos // page_size + 1 if pos >= 0 else 0
+        table[r, used:] = rng.choice(garbage_pages, COLS - used)
+        for c in range(used):
+            keys = min(page_size, pos + 1 - c * page_size)
+            k_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
+            v_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
+    q = rng.randn(b, 1, kv_heads, groups, head_dim).astype(np.float32)
+    return q, k_pool, v_pool, table, np.asarray(positions, np.int32)[:, None]
+
+
+def _reference(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, table: np.ndarray, positions: np.ndarray,
+               window: int) -> np.ndarray:
+    """Dense float64 attention of each row over its keys laid out contiguously; zeros for rows with no key."""
+    page_size = k_pool.shape[2]
+    out = np.zeros(q.shape, np.float64)
+    for r, pos in enumerate(positions[:, 0]):
+        if pos < 0:
+            continue
+        j = np.arange(min(pos + 1, table.shape[1] * page_size))
+        keys = k_pool[table[r, j // page_size], :, j % page_size].astype(np.float64)  # [S, Hkv, D]
+        values = v_pool[table[r, j // page_size], :, j % page_size].astype(np.float64)
+        out[r] = _dense(q[r].astype(np.float64), keys, values, positions[r], window)
+    return out
+
+
+def _run(*arrays: np.ndarray, window: int) -> np.ndarray:
+    return np.asarray(paged_decode_attention(*map(jnp.asarray, arrays), window))
+
+
+@pytest.mark.parametrize("window", [0, 5, 19])
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("head_dim", [8, 16, 64])
+@pytest.mark.parametrize(("kv_heads", "groups"), [(2, 1), (1, 2), (3, 4)])
+def test_decode_equals_dense_attention(kv_heads: int, groups: int, head_dim: int, page_size: int,
+                                       window: int) -> None:
+    rng = np.random.RandomState(kv_heads * 1000 + groups * 100 + head_dim + page_size + window)
+    problem = _problem(rng, _boundary_positions(page_size), kv_heads, groups, head_dim, page_size)
+    got = _run(*problem, window=window)
+    np.testing.assert_allclose(got, _reference(*problem, window), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", range(1, 10))
+def test_every_batch_size_matches_dense_attention(batch: int) -> None:
+    """Five KV heads: small batches split each row's heads into uneven blocks across the threads."""
+    rng = np.random.RandomState(batch)
+    positions = list(rng.randint(-1, (COLS - 1) * 16, batch))
+    problem = _problem(rng, positions, 5, 2, 32, 16)
+    np.testing.assert_allclose(_run(*problem, window=0), _reference(*problem, 0), atol=2e-5, rtol=1e-5)
+
+
+def test_padding_row_gives_zeros() -> None:
+    problem = _problem(np.random.RandomState(0), [-1, 7, -1], 2, 2, 16, 4)
+    got = _run(*problem, window=0)
+    assert np.all(got[[0, 2]] == 0)
+    assert np.all(got[1] != 0)
+
+
+@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize("decode_path", ["gathered", "looped"])
+def test_matches_pure_jax_decode_inside_jit(decode_path: str, window: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if decode_path == "looped":
+        monkeypatch.setattr(attention, "DECODE_GATHER_LIMIT", 0)
+    positions = [p for p in _boundary_positions(16) if p >= 0]  # the gathered path averages a padding row's pages
+    q, k_pool, v_pool, table, pos = map(jnp.asarray, _problem(np.random.RandomState(1), positions, 3, 2, 64, 16))
+    kernel = jax.jit(paged_decode_attention, static_argnums=5)(q, k_pool, v_pool, table, pos, window)
+    pure = jax.jit(attention.paged_attention, static_argnums=5)(q, k_pool, v_pool, table, pos, window)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(pure), atol=2e-5, rtol=1e-5)
+
+
+def test_position_past_the_table_attends_over_its_columns() -> None:
+    """A caller error, but bounded: the row attends over all COLS pages, and a window past them gives zeros."""
+    page_size = 4
+    problem = list(_problem(np.random.RandomState(2), [COLS * page_size - 1, -1], 2, 1, 16, page_size))
+    full = _run(*problem, window=0)[0]
+    problem[4] = np.asarray([[COLS * page_size + 9], [COLS * page_size + 9]], np.int32)
+    np.testing.assert_array_equal(_run(*problem, window=0)[0], full)
+    assert np.all(_run(*problem, window=5) == 0)
+
+
+def test_page_id_out_of_range_fails_only_where_read() -> None:
+    q, k_pool, v_pool, table, positions = _problem(np.random.RandomState(3), [5, 9], 1, 1, 16, 4)
+    table[:, -1] = [-7, 10_000]  # unused columns: never read
+    np.testing.assert_allclose(_run(q, k_pool, v_pool, table, positions, window=0),
+                               _reference(q, k_pool, v_pool, table, positions, 0), atol=2e-5, rtol=1e-5)
+    table[1, 2] = k_pool.shape[0]  # the page of row 1's own position 9
+    with pytest.raises(Exception, match=r"block_table\[1, 2\] = .* is outside"):
+        _run(q, k_pool, v_pool, table, positions, window=0)
+
+
+def test_rejects_bad_dtypes_and_ranks() -> None:
+    q, k_pool, v_pool, table, positions = map(jnp.asarray, _problem(np.random.RandomState(4), [3], 1, 1, 8, 4))
+    with pytest.raises(ValueError, match="float32"):
+        paged_decode_attention(q, k_pool.astype(jnp.bfloat16), v_pool, table, positions)
+    with pytest.raises(ValueError, match=r"\[B, 1, Hkv, G, D\]"):
+        paged_decode_attention(q[:, 0], k_pool, v_pool, table, positions)
+    with pytest.raises(ValueError, match="positions"):
+        paged_decode_attention(q, k_pool, v_pool, table, positions[:, 0])
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode_attention(q, k_pool, v_pool, table, positions, -1)

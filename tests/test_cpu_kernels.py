@@ -1,0 +1,95 @@
+"""The CPU matmul kernel and the runner on the CPU kernels: same numbers as XLA's dot and the pure-JAX runner."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.config import load_config
+from jaxserve.generate import GenerationOptions, generate
+from jaxserve.kernels import build
+from jaxserve.kernels.matmul import TILE, pack, packed_matmul, unpack
+from jaxserve.parallel.mesh import make_mesh
+from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
+
+pytestmark = pytest.mark.skipif(not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize(("k", "n"), [(64, 64), (48, 100), (256, 272), (33, 130)])
+def test_packed_matmul_equals_a_float64_product(rows: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x, w = rng.standard_normal((rows, k), np.float32), rng.standard_normal((k, n), np.float32)
+    got = np.asarray(jax.jit(packed_matmul, static_argnums=2)(jnp.asarray(x), pack(jnp.asarray(w)), n))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (rows, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_packed_matmul_keeps_leading_dims_and_runs_a_prefill_sized_chunk() -> None:
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 256, 96), np.float32), rng.standard_normal((96, 200), np.float32)
+    got = np.asarray(packed_matmul(jnp.asarray(x), pack(jnp.asarray(w)), 200))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_pack_pads_to_whole_panels_and_unpacks_back() -> None:
+    w = jnp.arange(5 * 70, dtype=jnp.float32).reshape(5, 70)
+    packed = pack(w)
+    assert packed.shape == (2, 5, TILE)
+    assert float(jnp.abs(packed[1, :, 70 - TILE:]).sum()) == 0.0  # padding columns are zero
+    np.testing.assert_array_equal(np.asarray(unpack(packed, 70)), np.asarray(w))
+
+
+def test_a_failing_compiler_is_an_error_naming_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path))
+    script = tmp_path / "broken-cxx"
+    script.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'error: no' >&2\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(RuntimeError, match="failed \\(3\\)"):
+        build._build(str(script))
+    assert not list(tmp_path.glob("*.so"))  # no half-built library left behind
+
+
+def _runner(kernels: str, *overrides: str) -> Runner:
+    return Runner(load_config("configs/tiny.toml", ["runner.warmup=false", f"runner.cpu_kernels={kernels}",
+                                                    *overrides]))
+
+
+def _step(tokens: list[int], start: int, table: np.ndarray, ps: int) -> StepBatch:
+    pos = np.arange(start, start + len(tokens), dtype=np.int32)
+    slots = table[pos // ps] * ps + pos % ps
+    one = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint32))
+    return StepBatch(np.array([tokens], np.int32), pos[None], slots[None].astype(np.int32), table[None],
+                     np.array([len(tokens) - 1], np.int32), *one)
+
+
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 2), (4, 1)])
+def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: int) -> None:
+    mesh = (f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}")
+    on, off = _runner("on", *mesh), _runner("off", *mesh)
+    assert on.cpu_kernels and not off.cpu_kernels
+    ps = on.config.cache.page_size
+    prompt = np.random.RandomState(3).randint(0, 256, 37).tolist()
+    table = np.array([5, 2, 9, 14, 11, 20], np.int32)  # scattered pages, 8 tokens each
+    for runner in (on, off):
+        runner.logits(_step(prompt, 0, table, ps))
+    for i, token in enumerate([3, 250, 17]):  # decode steps on the cached prompt
+        got = on.logits(_step([token], 37 + i, table, ps), decode=True)
+        want = off.logits(_step([token], 37 + i, table, ps), decode=True)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_kernels() -> None:
+    prompts = [[256, 72, 101, 108, 108, 111], [256, *range(40, 77)]]
+    options = [GenerationOptions(max_tokens=12)] * len(prompts)
+    assert generate(_runner("on"), prompts, options) == generate(_runner("off"), prompts, options)
+
+
+def test_cpu_kernels_on_refuses_a_model_they_cannot_run() -> None:
+    config = load_config("configs/tiny.toml", ["runner.cpu_kernels=on", "model.dtype=bfloat16"])
+    mesh = make_mesh(config.mesh)
+    with pytest.raises(ValueError, match="float32 only.*bfloat16"):
+        use_cpu_kernels(config, mesh)
+    assert not use_cpu_kernels(load_config("configs/tiny.toml", ["model.dtype=bfloat16"]), mesh)
+    assert not use_cpu_kernels(load_config("configs/tiny.toml", ["runner.cpu_kernels=off"]), mesh)
