@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_runner import _prefill_batch
 
 from jaxserve.config import load_config
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.kernels import build
 from jaxserve.kernels.matmul import TILE, pack, packed_matmul, unpack
 from jaxserve.parallel.mesh import make_mesh
-from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
+from jaxserve.runner import Runner, use_cpu_kernels
 
 pytestmark = pytest.mark.skipif(not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}")
 
@@ -56,14 +57,6 @@ def _runner(kernels: str, *overrides: str) -> Runner:
                                                     *overrides]))
 
 
-def _step(tokens: list[int], start: int, table: np.ndarray, ps: int) -> StepBatch:
-    pos = np.arange(start, start + len(tokens), dtype=np.int32)
-    slots = table[pos // ps] * ps + pos % ps
-    one = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint32))
-    return StepBatch(np.array([tokens], np.int32), pos[None], slots[None].astype(np.int32), table[None],
-                     np.array([len(tokens) - 1], np.int32), *one)
-
-
 @pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 2), (4, 1)])
 def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: int) -> None:
     mesh = (f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}")
@@ -73,10 +66,10 @@ def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: 
     prompt = np.random.RandomState(3).randint(0, 256, 37).tolist()
     table = np.array([5, 2, 9, 14, 11, 20], np.int32)  # scattered pages, 8 tokens each
     for runner in (on, off):
-        runner.logits(_step(prompt, 0, table, ps))
+        runner.logits(_prefill_batch(np.array(prompt), 0, table, ps))
     for i, token in enumerate([3, 250, 17]):  # decode steps on the cached prompt
-        got = on.logits(_step([token], 37 + i, table, ps), decode=True)
-        want = off.logits(_step([token], 37 + i, table, ps), decode=True)
+        got = on.logits(_prefill_batch(np.array([token]), 37 + i, table, ps), decode=True)
+        want = off.logits(_prefill_batch(np.array([token]), 37 + i, table, ps), decode=True)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
