@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxserve.kernels.attention import paged_decode_attention
+from jaxserve.kernels.attention import paged_decode_attention, paged_prefill_attention
 
 # Page 0 of every pool is never handed out: padded tokens and pipeline bubble ticks write their keys there.
 TRASH_SLOT = 0
@@ -66,11 +66,12 @@ def paged_attention(
     holding this chunk's keys (reading the updated pool keeps XLA's update in place); block_table: [B, n] page ids;
     positions: [B, T] absolute position of each query (-1 for padding). Returns [B, T, Hkv, G, D]. Key j of the
     gathered context is at absolute position j, so the causal mask is simply j <= position; pages past a
-    sequence's end are masked by the same test. `cpu_kernel`: decode on the CPU kernel, which reads each row's
-    own pages in place (jaxserve/kernels/attention.py).
+    sequence's end are masked by the same test. `cpu_kernel`: run on the CPU kernels, which read only the pages
+    holding allowed keys, in place (jaxserve/kernels/attention.py).
     """
-    if q.shape[1] == 1 and cpu_kernel:
-        return paged_decode_attention(q, k_pool, v_pool, block_table, positions, sliding_window)
+    if cpu_kernel:
+        kernel = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
+        return kernel(q, k_pool, v_pool, block_table, positions, sliding_window)
     if q.shape[1] == 1:
         b, n = block_table.shape
         if b * n * k_pool[0].size * k_pool.dtype.itemsize > DECODE_GATHER_LIMIT:

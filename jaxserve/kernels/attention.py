@@ -1,7 +1,9 @@
-"""Paged decode attention on the CPU kernel (see cpu/attention.cc for why a kernel).
+"""Paged decode and prefill attention on the CPU kernels (see cpu/attention.cc and cpu/prefill_attention.cc for
+why kernels).
 
-Same semantics as the decode path of `models.attention.paged_attention` (one query per row, online softmax over
-the row's pages); the kernel reads only the pages holding a row's allowed keys, in place.
+Same semantics as `models.attention.paged_attention`: decode (one query per row, online softmax over the row's
+pages) and prefill chunks (T queries per row, each masked by its own position); the kernels read only the pages
+holding allowed keys, in place.
 """
 
 from __future__ import annotations
@@ -9,6 +11,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array, positions: jax.Array,
+           sliding_window: int) -> None:
+    """The validation both kernels share, for q [B, T, Hkv, G, D] whose rank the caller has checked."""
+    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
+                         f"{v_pool.shape}")
+    if k_pool.dtype != jnp.float32 or v_pool.dtype != jnp.float32:
+        raise ValueError(f"k_pool and v_pool must be float32, got {k_pool.dtype} and {v_pool.dtype}")
+    b, t, h, _, d = q.shape
+    if (k_pool.shape[1], k_pool.shape[3]) != (h, d):
+        raise ValueError(f"pools' Hkv and D {k_pool.shape[1], k_pool.shape[3]} differ from q's {h, d}")
+    if block_table.ndim != 2 or block_table.shape[0] != b:
+        raise ValueError(f"block_table must be [B={b}, n], got shape {block_table.shape}")
+    if positions.shape != (b, t):
+        raise ValueError(f"positions must be [B={b}, {t}], got shape {positions.shape}")
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
 
 
 def paged_decode_attention(
@@ -33,21 +54,39 @@ def paged_decode_attention(
     """
     if q.ndim != 5 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
-    if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
-                         f"{v_pool.shape}")
-    if k_pool.dtype != jnp.float32 or v_pool.dtype != jnp.float32:
-        raise ValueError(f"k_pool and v_pool must be float32, got {k_pool.dtype} and {v_pool.dtype}")
-    b, _, h, _, d = q.shape
-    if (k_pool.shape[1], k_pool.shape[3]) != (h, d):
-        raise ValueError(f"pools' Hkv and D {k_pool.shape[1], k_pool.shape[3]} differ from q's {h, d}")
-    if block_table.ndim != 2 or block_table.shape[0] != b:
-        raise ValueError(f"block_table must be [B={b}, n], got shape {block_table.shape}")
-    if positions.shape != (b, 1):
-        raise ValueError(f"positions must be [B={b}, 1], got shape {positions.shape}")
-    if sliding_window < 0:
-        raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
     call = jax.ffi.ffi_call("jaxserve_paged_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
+               sliding_window=np.int32(sliding_window))
+    return out.astype(q.dtype)
+
+
+def paged_prefill_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    block_table: jax.Array,
+    positions: jax.Array,
+    sliding_window: int = 0,
+) -> jax.Array:
+    """Causal grouped-query attention of a chunk of T queries per row over the pages of its sequence.
+
+    q: [B, T, Hkv, G, D]; k_pool, v_pool: [num_pages, Hkv, page_size, D] float32, already holding this chunk's
+    keys and values; block_table: [B, n] page ids; positions: [B, T] absolute position of each query (-1 for a
+    padding query, whose output is zeros). Key j is allowed for a query iff j <= its position and, with a sliding
+    window, j > position - sliding_window; each query masks by its own position, so positions need not be
+    contiguous (the kernel is fastest when they increase along T, as in a chunk). Returns [B, T, Hkv, G, D] in q's
+    dtype.
+
+    Queries are processed in tiles; a tile reads the keys from the smallest window start to the largest position
+    of its queries, clamped to the n columns the table has. A page id outside [0, num_pages) in a column a tile
+    reads fails the call (InvalidArgument from the kernel) rather than being clamped; other columns may hold
+    anything.
+    """
+    if q.ndim != 5:
+        raise ValueError(f"q must be [B, T, Hkv, G, D], got shape {q.shape}")
+    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
+    call = jax.ffi.ffi_call("jaxserve_paged_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
                sliding_window=np.int32(sliding_window))
     return out.astype(q.dtype)
