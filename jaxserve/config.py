@@ -158,7 +158,7 @@ class RunnerConfig:
     prefill_buckets: tuple[int, ...] = (16, 64, 256)
     max_logprobs: int = 5
     warmup: bool = True
-    # The hand-written CPU kernels (jaxserve/kernels) for matmuls and decode attention: "auto" uses them on a CPU
+    # The hand-written CPU kernels (jaxserve/kernels) for matmuls and attention: "auto" uses them on a CPU
     # backend with a float32 model and KV cache when they build here, "on" fails at start when they cannot be
     # used, "off" keeps the pure-JAX path.
     cpu_kernels: str = "auto"

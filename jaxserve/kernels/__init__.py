@@ -1,7 +1,8 @@
-"""Hand-written CPU kernels for the decode hot path, called from jitted steps through XLA's FFI.
+"""Hand-written CPU kernels for the serving steps, called from jitted steps through XLA's FFI.
 
-XLA:CPU is far from the memory-bandwidth roofline on the two shapes decode lives on: small-M matmuls against every
-weight (`matmul.py`) and attention of one query per row over its KV pages. These kernels are C++ compiled on first
-use for the host CPU (`build.py`); where no compiler is present the runner keeps the pure-JAX path, which TPU and
-GPU always use.
+XLA:CPU is far from the machine's limits on the shapes serving lives on: small-M matmuls against every weight
+(`matmul.py`, memory-bound in decode), attention of one query per row over its KV pages, and chunked causal
+attention of a prefill chunk over its pages (`attention.py`). These kernels are C++ compiled on first use for the
+host CPU (`build.py`); where no compiler is present the runner keeps the pure-JAX path, which TPU and GPU always
+use.
 """
