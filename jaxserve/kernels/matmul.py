@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-TILE = 64
+TILE = 48
 
 
 def pack(w: jax.Array) -> jax.Array:
