@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array, positions: jax.Array,
-           sliding_window: int) -> None:
-    """The validation both kernels share, for q [B, T, Hkv, G, D] whose rank the caller has checked."""
+def _call(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
+          positions: jax.Array, sliding_window: int) -> jax.Array:
+    """Validates what both kernels share (q [B, T, Hkv, G, D], rank checked by the caller) and calls `target`."""
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
                          f"{v_pool.shape}")
@@ -30,6 +30,10 @@ def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.
         raise ValueError(f"positions must be [B={b}, {t}], got shape {positions.shape}")
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
+               sliding_window=np.int32(sliding_window))
+    return out.astype(q.dtype)
 
 
 def paged_decode_attention(
@@ -54,11 +58,7 @@ def paged_decode_attention(
     """
     if q.ndim != 5 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
-    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
-    call = jax.ffi.ffi_call("jaxserve_paged_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
-               sliding_window=np.int32(sliding_window))
-    return out.astype(q.dtype)
+    return _call("jaxserve_paged_decode_attention", q, k_pool, v_pool, block_table, positions, sliding_window)
 
 
 def paged_prefill_attention(
@@ -85,8 +85,4 @@ def paged_prefill_attention(
     """
     if q.ndim != 5:
         raise ValueError(f"q must be [B, T, Hkv, G, D], got shape {q.shape}")
-    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
-    call = jax.ffi.ffi_call("jaxserve_paged_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
-               sliding_window=np.int32(sliding_window))
-    return out.astype(q.dtype)
+    return _call("jaxserve_paged_prefill_attention", q, k_pool, v_pool, block_table, positions, sliding_window)
