@@ -6,6 +6,8 @@ x @ W for any number of rows. The logical N travels with the call so padding col
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -20,18 +22,10 @@ def pack(w: jax.Array) -> jax.Array:
     return w.reshape(k, panels, TILE).transpose(1, 0, 2)
 
 
-def unpack(packed: jax.Array, n: int) -> jax.Array:
-    """The inverse of `pack`: [panels, K, TILE] -> [K, n]."""
-    panels, k, _ = packed.shape
-    return packed.transpose(1, 0, 2).reshape(k, panels * TILE)[:, :n]
-
-
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """x [..., K] float32 @ the packed weight -> [..., n] float32, on the CPU kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     panels = packed.shape[0]
     call = jax.ffi.ffi_call("jaxserve_packed_matmul", jax.ShapeDtypeStruct((rows, panels * TILE), jnp.float32))
     y = call(x.reshape(rows, k).astype(jnp.float32), packed)
