@@ -33,6 +33,12 @@ inline float hsum(vfloat v) {
   return v[0];
 }
 
+// Asks for n floats at x to be brought into L2 (prefetcht1), one request per 64-byte line.
+inline void prefetch(const float* x, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
 struct Problem {
   const float* q;          // [B, Hkv, G, D]
   const float* k;          // [num_pages, Hkv, page_size, D]
@@ -105,13 +111,23 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
     const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
     const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;  // allowed keys in this page
+    const int64_t page = static_cast<int64_t>(row_pages[c]) * p.heads;
+    const int64_t next = c < keys.last / ps ? static_cast<int64_t>(row_pages[c + 1]) * p.heads : -1;
+    // All the block's keys of this page first, then all its values: two contiguous runs of (h1 - h0) chunks. While
+    // a head's chunk is computed on, the same head's chunk of the row's next page is prefetched: pages are
+    // scattered, so the hardware prefetcher cannot guess the next one and computing would otherwise wait for memory
+    // at every page (1.4x on 32 rows x 400 keys, 15.6 -> 22.3 GB/s).
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t chunk = ((static_cast<int64_t>(row_pages[c]) * p.heads + h) * ps + j0) * d;
-      const float* k = p.k + chunk;  // [n, D]
-      const float* v = p.v + chunk;
+      const float* k = p.k + ((page + h) * ps + j0) * d;  // [n, D]
+      if (next >= 0) prefetch(p.k + (next + h) * ps * d, ps * d);
       const int64_t r0 = (h - h0) * p.groups;
       for (int64_t j = 0; j < n; ++j)
         for (int64_t r = r0; r < r0 + p.groups; ++r) scores[r * ps + j] = dot<NV>(query + r * d, k + j * d, d);
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* v = p.v + ((page + h) * ps + j0) * d;
+      if (next >= 0) prefetch(p.v + (next + h) * ps * d, ps * d);
+      const int64_t r0 = (h - h0) * p.groups;
       for (int64_t r = r0; r < r0 + p.groups; ++r) {
         float* s = scores + r * ps;
         float new_top = top[r];
