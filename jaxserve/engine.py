@@ -329,7 +329,8 @@ class Engine:
             tokens, positions, slots, block_table_array([c.seq.block_table[:width] for c in chunks], width),
             np.array([c.length - 1 for c in chunks], np.int32),
             np.array([o.temperature for o in opts], np.float32), np.array([o.top_k for o in opts], np.int32),
-            np.array([o.top_p for o in opts], np.float32), np.array([o.seed for o in opts], np.uint32))
+            np.array([o.top_p for o in opts], np.float32), np.array([o.seed for o in opts], np.uint32),
+            np.array([o.logprobs for o in opts], np.int32))
 
     def _execute(self, plan: StepPlan) -> list[tuple[Chunk, int, Sampled]]:
         """Dispatches every runner call of the step, then reads all results back in one transfer."""

@@ -43,7 +43,8 @@ class StepBatch:
     """Host-side inputs of one step, unpadded: B rows of T tokens (decode: T = 1).
 
     tokens, positions, slots: [B, T] (positions -1 and slots TRASH_SLOT on padding); block_table: [B, n] page ids;
-    last_index: [B] index in T of the token whose next token is sampled; sampling knobs: [B] each.
+    last_index: [B] index in T of the token whose next token is sampled; sampling knobs: [B] each; logprobs: [B]
+    top alternatives wanted per row (None: none).
     """
 
     tokens: np.ndarray
@@ -55,6 +56,7 @@ class StepBatch:
     top_k: np.ndarray
     top_p: np.ndarray
     seed: np.ndarray
+    logprobs: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -262,9 +264,12 @@ class Runner:
 
         def body(params, kv, tokens, positions, slots, block_table, last_index):
             hidden, kv = self._forward_local(params, kv, tokens, positions, slots, block_table)
+            live = None
             if not all_logits:
-                hidden = hidden[jnp.arange(hidden.shape[0]), last_index]  # [B, D]
-            return llama.lm_logits(params, cfg, hidden, vocab_axis), kv
+                rows = jnp.arange(hidden.shape[0])
+                hidden = hidden[rows, last_index]  # [B, D]
+                live = llama.live_tokens(positions[rows, last_index])
+            return llama.lm_logits(params, cfg, hidden, vocab_axis, live), kv
 
         rep = PartitionSpec()
         logits, kv = jax.shard_map(
@@ -289,7 +294,8 @@ class Runner:
             return exe
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-        sampling = SamplingParams(f32(rows), i32(rows), f32(rows), jax.ShapeDtypeStruct((rows,), jnp.uint32))
+        sampling = SamplingParams(f32(rows), i32(rows), f32(rows), jax.ShapeDtypeStruct((rows,), jnp.uint32),
+                                  i32(rows))
         fn = jax.jit(functools.partial(self._step, all_logits=all_logits), donate_argnums=(1,))
         logging.info("compiling step rows=%d length=%d pages=%d all_logits=%s", rows, length, pages, all_logits)
         exe = fn.lower(self.params, self.kv, i32(rows, length), i32(rows, length), i32(rows, length),
@@ -404,6 +410,7 @@ class Runner:
             pad(batch.top_k, (rows,), 0, np.int32),
             pad(batch.top_p, (rows,), 1.0, np.float32),
             pad(batch.seed, (rows,), 0, np.uint32),
+            pad(np.zeros(b, np.int32) if batch.logprobs is None else batch.logprobs, (rows,), 0, np.int32),
         ]
         return rows, length, pages, arrays
 
@@ -412,7 +419,7 @@ class Runner:
         with self._lock:
             exe = self._executable(rows, length, pages, all_logits)
             out, self.kv = exe(self.params, self.kv, a[0], a[1], a[2], a[3], a[4],
-                               SamplingParams(a[5], a[6], a[7], a[8]))
+                               SamplingParams(a[5], a[6], a[7], a[8], a[9]))
         return out
 
     def prefill(self, batch: StepBatch) -> Sampled:

@@ -123,12 +123,13 @@ class Projection(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+        """`live` (see `live_tokens`) lets the packed kernel skip padding rows; the XLA product ignores it."""
         n_in = len(self.in_shape)
         if self.has_variable("params", "packed"):
             lead = x.shape[:x.ndim - n_in]
             y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.get_variable("params", "packed"),
-                              math.prod(self.out_shape)).reshape(*lead, *self.out_shape)
+                              math.prod(self.out_shape), live).reshape(*lead, *self.out_shape)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                        self.in_axes + self.out_axes),
@@ -159,6 +160,17 @@ class StepInputs:
     sin: jax.Array
 
 
+def live_tokens(positions: jax.Array) -> jax.Array:
+    """How many leading tokens of positions [B, T], flattened, reach the last real one (padding is -1).
+
+    Decode batches and prefill chunks are padded at the end to their compiled bucket, so everything past this count
+    is padding the CPU matmul kernel need not compute; padding inside it (rows of a multi-row prefill) is computed
+    and ignored as before.
+    """
+    flat = positions.reshape(-1)
+    return jnp.max(jnp.where(flat >= 0, jnp.arange(1, flat.shape[0] + 1, dtype=jnp.int32), 0))
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention over the paged KV cache (local heads of one tensor-parallel device)."""
 
@@ -167,7 +179,7 @@ class Attention(nn.Module):
     cpu_kernels: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs, live: jax.Array
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg, loc = self.cfg, self.local
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
@@ -175,7 +187,7 @@ class Attention(nn.Module):
 
         def proj(name: str, heads: int, axis: str) -> jax.Array:
             return Projection((d,), (heads, hd), ("embed",), (axis, "head_dim"), cfg.attention_bias, dtype, pdtype,
-                              name=name)(x)
+                              name=name)(x, live)
 
         q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
         k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
@@ -190,7 +202,7 @@ class Attention(nn.Module):
                               step.positions, cfg.sliding_window, self.cpu_kernels)
         out = out.reshape(b, t, loc.num_heads, hd)
         y = Projection((loc.num_heads, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype,
-                       name="o_proj")(out)
+                       name="o_proj")(out, live)
         return y, (k_pool, v_pool)
 
 
@@ -201,14 +213,16 @@ class MLP(nn.Module):
     local: LocalShapes
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         f = self.local.intermediate_size
-        gate = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype, name="gate_proj")(x)
-        up = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype, name="up_proj")(x)
+        gate = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype,
+                          name="gate_proj")(x, live)
+        up = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype, name="up_proj")(x, live)
         h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
-        return Projection((f,), (cfg.hidden_size,), ("mlp",), ("embed",), False, dtype, pdtype, name="down_proj")(h)
+        return Projection((f,), (cfg.hidden_size,), ("mlp",), ("embed",), False, dtype, pdtype,
+                          name="down_proj")(h, live)
 
 
 class DecoderLayer(nn.Module):
@@ -225,13 +239,14 @@ class DecoderLayer(nn.Module):
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg = self.cfg
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
+        live = live_tokens(step.positions)
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
-            h, kv = Attention(cfg, self.local, self.cpu_kernels, name="attn")(h, kv, step)
+            h, kv = Attention(cfg, self.local, self.cpu_kernels, name="attn")(h, kv, step, live)
             x = x + self._all_reduce(h)
         with jax.named_scope("mlp"):
             h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
-            x = x + self._all_reduce(MLP(cfg, self.local, name="mlp")(h))
+            x = x + self._all_reduce(MLP(cfg, self.local, name="mlp")(h, live))
         return x, kv
 
     def _all_reduce(self, partial: jax.Array) -> jax.Array:
@@ -353,13 +368,17 @@ def embed_tokens(table: jax.Array, ids: jax.Array, dtype: Any, vocab_axis: str |
     return jax.lax.psum(x, vocab_axis).astype(dtype)
 
 
-def lm_logits(params: Params, cfg: ModelConfig, h: jax.Array, vocab_axis: str | None) -> jax.Array:
-    """Final norm and LM head: hidden [..., D] -> float32 logits [..., V] gathered over the vocabulary shards."""
+def lm_logits(params: Params, cfg: ModelConfig, h: jax.Array, vocab_axis: str | None,
+              live: jax.Array | None = None) -> jax.Array:
+    """Final norm and LM head: hidden [..., D] -> float32 logits [..., V] gathered over the vocabulary shards.
+
+    `live`: rows of h (flattened) past it are padding; the packed head leaves their logits zero.
+    """
     dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, h)
     if "packed" in params.get("lm_head", {}):
         packed = params["lm_head"]["packed"]  # [panels, D, TILE] of this device's vocabulary slice
-        logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0])  # vocab rows of this device
+        logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0], live)  # this device's vocab
         if vocab_axis is None:
             return logits
         return jax.lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)

@@ -11,7 +11,8 @@ from jaxserve.generate import GenerationOptions, generate
 from jaxserve.kernels import build
 from jaxserve.kernels.matmul import TILE, pack, packed_matmul
 from jaxserve.parallel.mesh import make_mesh
-from jaxserve.runner import Runner, use_cpu_kernels
+from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
+from models.llama import live_tokens
 
 pytestmark = pytest.mark.skipif(not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}")
 
@@ -32,6 +33,27 @@ def test_packed_matmul_keeps_leading_dims_and_runs_a_prefill_sized_chunk() -> No
     x, w = rng.standard_normal((2, 256, 96), np.float32), rng.standard_normal((96, 200), np.float32)
     got = np.asarray(packed_matmul(jnp.asarray(x), pack(jnp.asarray(w)), 200))
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("live", [0, 5, 8, 17, 40, 99])
+def test_packed_matmul_computes_only_live_rows_and_zeros_the_padding(live: int) -> None:
+    rng = np.random.default_rng(live)
+    x, w = rng.standard_normal((40, 96), np.float32), rng.standard_normal((96, 130), np.float32)
+    got = np.asarray(jax.jit(packed_matmul, static_argnums=2)(jnp.asarray(x), pack(jnp.asarray(w)), 130,
+                                                               jnp.int32(live)))
+    kept = min(live, 40)  # a count past the rows is clamped
+    np.testing.assert_allclose(got[:kept], x[:kept].astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+    assert not got[kept:].any()
+
+
+@pytest.mark.parametrize(("positions", "want"), [
+    ([[0, 1, 2, -1]], 3),                  # a prefill chunk padded at the end
+    ([[7], [3], [-1], [-1]], 2),           # a decode batch padded to its bucket
+    ([[0, 1, -1], [0, -1, -1]], 4),        # interior padding is kept: only the tail is cut
+    ([[-1, -1]], 0),
+])
+def test_live_tokens_counts_up_to_the_last_real_token(positions: list, want: int) -> None:
+    assert int(live_tokens(jnp.array(positions, jnp.int32))) == want
 
 
 def test_pack_lays_columns_out_in_zero_padded_panels() -> None:
@@ -72,6 +94,29 @@ def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: 
         got = on.logits(_prefill_batch(np.array([token]), 37 + i, table, ps), decode=True)
         want = off.logits(_prefill_batch(np.array([token]), 37 + i, table, ps), decode=True)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_padded_decode_batch_samples_what_the_pure_jax_runner_samples() -> None:
+    """Three rows in a bucket of four: the kernels skip the padding row and the real rows are unchanged."""
+    on, off = _runner("on"), _runner("off")
+    ps = on.config.cache.page_size
+    tables = [np.array([5, 2, 9], np.int32), np.array([14, 11, 20], np.int32), np.array([1, 3, 4], np.int32)]
+    lengths = [17, 9, 22]
+    rng = np.random.RandomState(5)
+    for table, n in zip(tables, lengths, strict=True):
+        prompt = rng.randint(0, 256, n)
+        for runner in (on, off):
+            runner.prefill(_prefill_batch(prompt, 0, table, ps))
+    pos = np.array([[n] for n in lengths], np.int32)
+    slots = np.array([[t[n // ps] * ps + n % ps] for t, n in zip(tables, lengths, strict=True)], np.int32)
+    batch = StepBatch(np.array([[3], [250], [17]], np.int32), pos, slots, np.stack(tables), np.zeros(3, np.int32),
+                      np.zeros(3, np.float32), np.zeros(3, np.int32), np.ones(3, np.float32), np.zeros(3, np.uint32),
+                      np.full(3, 5, np.int32))
+    got, want = jax.device_get(on.decode(batch)), jax.device_get(off.decode(batch))
+    np.testing.assert_array_equal(got.token[:3], want.token[:3])
+    np.testing.assert_allclose(got.logprob[:3], want.logprob[:3], atol=1e-4)
+    np.testing.assert_allclose(got.top_logprobs[:3], want.top_logprobs[:3], atol=1e-4)
+    assert got.top_logprobs[:3].any()
 
 
 def test_greedy_generation_is_the_same_with_and_without_the_kernels() -> None:

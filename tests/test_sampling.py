@@ -8,9 +8,11 @@ import pytest
 from jaxserve.sampling import SamplingParams, sample
 
 
-def _params(b: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> SamplingParams:
+def _params(b: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+            logprobs: int = 5) -> SamplingParams:
     return SamplingParams(jnp.full((b,), temperature, jnp.float32), jnp.full((b,), top_k, jnp.int32),
-                          jnp.full((b,), top_p, jnp.float32), jnp.arange(seed, seed + b, dtype=jnp.uint32))
+                          jnp.full((b,), top_p, jnp.float32), jnp.arange(seed, seed + b, dtype=jnp.uint32),
+                          jnp.full((b,), logprobs, jnp.int32))
 
 
 LOGITS = jnp.asarray(np.random.RandomState(0).randn(4, 50).astype(np.float32) * 3)
@@ -22,6 +24,21 @@ def test_greedy_is_argmax_and_logprobs_are_log_softmax() -> None:
     ref = jax.nn.log_softmax(LOGITS)
     np.testing.assert_allclose(out.logprob, ref[np.arange(4), out.token], rtol=1e-6)
     np.testing.assert_allclose(out.top_logprobs, np.sort(ref, -1)[:, ::-1][:, :5], rtol=1e-6)
+
+
+def test_top_logprobs_are_computed_only_when_a_row_asks() -> None:
+    rows = jnp.zeros(4, jnp.int32)
+    nobody = sample(LOGITS, _params(4, logprobs=0), rows, 5)
+    assert not np.asarray(nobody.top_logprobs).any() and not np.asarray(nobody.top_tokens).any()
+    one = _params(4, logprobs=0).replace(logprobs=jnp.array([0, 0, 2, 0], jnp.int32))
+    out = sample(LOGITS, one, rows, 5)
+    np.testing.assert_array_equal(out.top_tokens, np.argsort(-np.asarray(LOGITS), -1)[:, :5])
+    np.testing.assert_allclose(out.logprob, nobody.logprob)  # the chosen token's logprob does not depend on it
+
+
+def test_greedy_takes_the_first_of_tied_maxima() -> None:
+    logits = jnp.array([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -3.0, -1.0, -jnp.inf]], jnp.float32)
+    np.testing.assert_array_equal(sample(logits, _params(3), jnp.zeros(3, jnp.int32), 0).token, [1, 0, 0])
 
 
 @pytest.mark.parametrize("knob", [{"top_k": 1}, {"top_p": 1e-6}])

@@ -5,6 +5,7 @@
 // reading each kTile-column panel as one contiguous stream, with all rows of x accumulated in registers, reads
 // them at 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of kRows rows, so
 // prefill chunks stream the weights once too.
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
@@ -47,14 +48,18 @@ void panel_tail(int rows, const float* x, int64_t k_size, const float* w, float*
   }
 }
 
+// Only the first `live` rows of x are multiplied; the rest are padding (a decode batch or prefill chunk rounded up
+// to its compiled bucket) and get zeros, so padding costs no arithmetic.
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K], w [panels, K, kTile], y [M, panels * kTile]");
   const int64_t m = xd[0], k = xd[1], panels = wd[0];
   if (wd[1] != k || wd[2] != kTile || yd[0] != m || yd[1] != panels * kTile)
     return ffi::Error::InvalidArgument("packed_matmul: shapes of x, w and y disagree");
+  if (live.element_count() != 1) return ffi::Error::InvalidArgument("packed_matmul: live must hold one row count");
+  const int64_t rows_live = std::clamp<int64_t>(live.typed_data()[0], 0, m);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -63,12 +68,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   parallel_for(pool, chunks, [&](int64_t c) {
     for (int64_t p = c * panels / chunks; p < (c + 1) * panels / chunks; ++p) {
       const float* panel = wp + p * k * kTile;
-      for (int64_t r = 0; r < m; r += kRows) {
-        const int rows = static_cast<int>(m - r < kRows ? m - r : kRows);
+      for (int64_t r = 0; r < rows_live; r += kRows) {
+        const int rows = static_cast<int>(rows_live - r < kRows ? rows_live - r : kRows);
         panel_tail<kRows>(rows, xp + r * k, k, panel, yp + r * n + p * kTile, n);
       }
     }
   });
+  std::fill(yp + rows_live * n, yp + m * n, 0.0f);
   return ffi::Error::Success();
 }
 
@@ -80,4 +86,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, jaxserve::PackedMatmul,
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // live rows
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
