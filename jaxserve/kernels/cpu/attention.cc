@@ -20,7 +20,6 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #if defined(__AVX512F__)
 constexpr vint kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #else
@@ -52,6 +51,37 @@ struct Problem {
 struct KeyRange {
   int64_t first, last;
 };
+
+// Largest of s[0:n]: whole vectors, then the tail.
+inline float page_max(const float* s, int64_t n) {
+  vfloat m = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat x = load(s + j);
+    m = x > m ? x : m;
+  }
+  float best = -INFINITY;
+  for (int i = 0; i < kLanes; ++i) best = std::max(best, m[i]);
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+}
+
+// s[0:n] = exp(s - top), returning their sum; vectorised (vexp) over whole vectors, std::exp on the tail.
+inline float exp_and_sum(float* s, int64_t n, float top) {
+  vfloat acc{};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat w = vexp(load(s + j) - top);
+    store(s + j, w);
+    acc += w;
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    sum += s[j];
+  }
+  return sum;
+}
 
 // NV > 0: D == NV * kLanes, so the loops have fixed trip counts and the accumulators stay in registers.
 // NV == 0: any D, whole vectors then a scalar tail.
@@ -130,13 +160,8 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
       const int64_t r0 = (h - h0) * p.groups;
       for (int64_t r = r0; r < r0 + p.groups; ++r) {
         float* s = scores + r * ps;
-        float new_top = top[r];
-        for (int64_t j = 0; j < n; ++j) new_top = std::max(new_top, s[j]);
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = std::exp(s[j] - new_top);
-          sum += s[j];
-        }
+        const float new_top = std::max(top[r], page_max(s, n));
+        const float sum = exp_and_sum(s, n, new_top);
         const float rescale = std::exp(top[r] - new_top);  // 0 on the first page: top is -inf
         total[r] = total[r] * rescale + sum;
         top[r] = new_top;

@@ -22,9 +22,31 @@ constexpr int kLanes = 8;
 #endif
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4)));
+
 inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
 inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat*>(p) = v; }
 inline vfloat splat(float x) { return vfloat{} + x; }
+
+// e**x for x in float32 range (clamped to [-87, 88]): Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6
+// Taylor polynomial (relative error ~1e-7), and the power of two put into the exponent bits. exp(0) is exactly 1.
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = splat(-87.0f), hi = splat(88.0f), magic = splat(12582912.0f);  // 1.5 * 2**23
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vfloat t = x * splat(1.44269504088896341f) + magic;  // round(x / ln2) in the low mantissa bits
+  const vfloat n = t - magic;
+  const vfloat r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
+  vfloat p = splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const vint bits = (((vint)t - (vint)magic) + 127) << 23;
+  return p * (vfloat)bits;
+}
 
 // Runs body(i) for i in [0, n). Work is claimed from a shared counter by the calling thread and by helpers
 // scheduled on the pool, so the loop finishes even if the pool's threads are busy elsewhere (the caller then does

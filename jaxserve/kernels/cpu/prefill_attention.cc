@@ -24,33 +24,11 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4)));
-
 constexpr int64_t kTileRows = 32;  // query rows (query x group head) per work item, before padding to vectors
 constexpr int kKeyBlock = 16;      // keys per online-softmax step
 constexpr int kScoreKeys = 8;      // keys per score micro-kernel call: kScoreKeys * 2 accumulators in registers
 
 inline vint load_int(const int32_t* p) { return *reinterpret_cast<const vint*>(p); }
-
-// e**x for x in float32 range (clamped to [-87, 88]): Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6
-// Taylor polynomial (relative error ~1e-7), and the power of two put into the exponent bits. exp(0) is exactly 1.
-inline vfloat vexp(vfloat x) {
-  const vfloat lo = splat(-87.0f), hi = splat(88.0f), magic = splat(12582912.0f);  // 1.5 * 2**23
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const vfloat t = x * splat(1.44269504088896341f) + magic;  // round(x / ln2) in the low mantissa bits
-  const vfloat n = t - magic;
-  const vfloat r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
-  vfloat p = splat(1.0f / 720);
-  p = p * r + splat(1.0f / 120);
-  p = p * r + splat(1.0f / 24);
-  p = p * r + splat(1.0f / 6);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const vint bits = (((vint)t - (vint)magic) + 127) << 23;
-  return p * (vfloat)bits;
-}
 
 struct Problem {
   const float* q;        // [B, T, Hkv, G, D]
