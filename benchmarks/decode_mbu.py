@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from jaxserve.allocator import reexec_under_tcmalloc
 from jaxserve.config import Config, load_config
 from jaxserve.kernels import build as kernels
 from jaxserve.kernels.matmul import pack, packed_matmul
@@ -160,4 +161,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_under_tcmalloc()  # as jaxserve-serve runs
     app.run(main)

@@ -43,6 +43,7 @@ from absl import app, flags
 from transformers.generation.streamers import BaseStreamer
 
 from checkpoints.convert import convert
+from jaxserve.allocator import find_tcmalloc, reexec_under_tcmalloc, with_preload
 from jaxserve.bench.driver import Connection, LoadSpec, RequestRecord, run_load
 from jaxserve.bench.report import Summary, summarize, write_json
 from jaxserve.bench.workload import LengthDistribution, Vocabulary, Workload, synthetic_workload
@@ -268,10 +269,10 @@ def _vllm_env(python: str) -> dict[str, str]:
     env["VLLM_CPU_KVCACHE_SPACE"] = str(FLAGS.vllm_kv_cache_gib)
     if FLAGS.vllm_preload:
         venv = os.path.dirname(os.path.dirname(os.path.abspath(python)))
-        found = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")) + sorted(
+        found = [lib for lib in [find_tcmalloc()] if lib and lib not in env.get("LD_PRELOAD", "")] + sorted(
             glob.glob(os.path.join(venv, "lib", "libiomp5.so")))
         if found:
-            env["LD_PRELOAD"] = ":".join([*found, *filter(None, [env.get("LD_PRELOAD")])])
+            env = with_preload(env, *found)
         else:
             print("vllm: neither tcmalloc nor libiomp5.so found to preload; expect about half the speed")
     return env
@@ -402,4 +403,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_under_tcmalloc()  # every system in-process (jaxserve, transformers) runs under it, as vLLM does
     app.run(main)

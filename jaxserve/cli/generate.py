@@ -13,6 +13,7 @@ import time
 
 from absl import app, flags
 
+from jaxserve.allocator import reexec_under_tcmalloc
 from jaxserve.cli.flags import config_from_flags, define_config_flags
 from jaxserve.engine import Engine, Request, RequestOutput
 from jaxserve.replica import DEFAULT_CONFIG, build_replica
@@ -82,7 +83,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (under tcmalloc when installed: see jaxserve.allocator)."""
+    reexec_under_tcmalloc()
     app.run(main)
 
 

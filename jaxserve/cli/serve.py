@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from checkpoints.hf import CheckpointError
 from checkpoints.orbax_io import load_serving_params
+from jaxserve.allocator import reexec_under_tcmalloc
 from jaxserve.cli.flags import define_config_flags
 from jaxserve.config import Config, ConfigError, load_config
 from jaxserve.engine import Engine
@@ -133,7 +134,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (under tcmalloc when installed: see jaxserve.allocator)."""
+    reexec_under_tcmalloc()
     app.run(main)
 
 
