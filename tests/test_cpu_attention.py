@@ -29,26 +29,36 @@ def _boundary_positions(page_size: int) -> list[int]:
     return [0, p - 1, p, -1, 2 * p - 1, 2 * p, 3 * p + p // 2, 4 * p, (COLS - 1) * p - 1]
 
 
-def _problem(rng: np.random.RandomState, positions: list[int], kv_heads: int, groups: int, head_dim: int,
-             page_size: int) -> tuple[np.ndarray, ...]:
-    """Random q, pools and block table for rows at `positions`: each row's pages are distinct and scattered; the
-    columns a row does not need point at garbage pages, and slots past a row's position hold garbage too."""
-    b = len(positions)
-    num_pages = b * COLS + 5
+def scattered_pools(rng: np.random.RandomState, keys: list[int], cols: int, kv_heads: int, head_dim: int,
+                    page_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k_pool, v_pool and a [len(keys), cols] block table where row r holds keys[r] random keys and values.
+
+    Each row's pages are distinct and scattered; the columns a row does not need point at garbage pages, and slots
+    past a row's last key hold garbage (GARBAGE-scaled) too."""
+    b = len(keys)
+    num_pages = b * cols + 5
     shape = (num_pages, kv_heads, page_size, head_dim)
     k_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
     v_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
     order = rng.permutation(num_pages)
-    table = order[: b * COLS].reshape(b, COLS).astype(np.int32)
-    garbage_pages = order[b * COLS:]
-    for r, pos in enumerate(positions):
-        used = pos // page_size + 1 if pos >= 0 else 0
-        table[r, used:] = rng.choice(garbage_pages, COLS - used)
+    table = order[: b * cols].reshape(b, cols).astype(np.int32)
+    garbage_pages = order[b * cols:]
+    for r, n in enumerate(keys):
+        used = -(-n // page_size)
+        table[r, used:] = rng.choice(garbage_pages, cols - used)
         for c in range(used):
-            keys = min(page_size, pos + 1 - c * page_size)
-            k_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
-            v_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
-    q = rng.randn(b, 1, kv_heads, groups, head_dim).astype(np.float32)
+            filled = min(page_size, n - c * page_size)
+            k_pool[table[r, c], :, :filled] = rng.randn(kv_heads, filled, head_dim)
+            v_pool[table[r, c], :, :filled] = rng.randn(kv_heads, filled, head_dim)
+    return k_pool, v_pool, table
+
+
+def _problem(rng: np.random.RandomState, positions: list[int], kv_heads: int, groups: int, head_dim: int,
+             page_size: int) -> tuple[np.ndarray, ...]:
+    """Random q, pools and block table (see `scattered_pools`) for rows at `positions` (-1: padding, no keys)."""
+    k_pool, v_pool, table = scattered_pools(rng, [pos + 1 if pos >= 0 else 0 for pos in positions], COLS, kv_heads,
+                                            head_dim, page_size)
+    q = rng.randn(len(positions), 1, kv_heads, groups, head_dim).astype(np.float32)
     return q, k_pool, v_pool, table, np.asarray(positions, np.int32)[:, None]
 
 
@@ -141,3 +151,19 @@ def test_rejects_bad_dtypes_and_ranks() -> None:
         paged_decode_attention(q, k_pool, v_pool, table, positions[:, 0])
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(q, k_pool, v_pool, table, positions, -1)
+
+
+@pytest.mark.parametrize(("target", "q_steps", "v_pages", "pos_steps", "message"), [
+    ("jaxserve_paged_decode_attention", 2, 8, 2, "one query per row"),
+    ("jaxserve_paged_decode_attention", 1, 9, 1, "k_pool and v_pool differ"),
+    ("jaxserve_paged_prefill_attention", 3, 8, 2, "shapes of q, pools, block_table, positions disagree"),
+])
+def test_the_kernels_themselves_reject_operands_that_do_not_fit(target: str, q_steps: int, v_pages: int,
+                                                                pos_steps: int, message: str) -> None:
+    """Called through the FFI directly (past the python wrappers' checks), a kernel names what is wrong."""
+    q = jnp.zeros((2, q_steps, 2, 1, 16), jnp.float32)
+    k_pool, v_pool = jnp.zeros((8, 2, 4, 16), jnp.float32), jnp.zeros((v_pages, 2, 4, 16), jnp.float32)
+    table, positions = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, pos_steps), jnp.int32)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(call(q, k_pool, v_pool, table, positions, sliding_window=np.int32(0)))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_attention import _dense
+from test_cpu_attention import scattered_pools
 
 from jaxserve.kernels import build
 
@@ -19,8 +20,6 @@ if not build.available():
 
 from jaxserve.kernels.attention import paged_prefill_attention  # noqa: E402
 from models import attention  # noqa: E402
-
-GARBAGE = 1e3  # scale of the values in slots no query may read: a leak into any output is far past the tolerance
 
 
 def _problem(rng: np.random.RandomState, starts: list[int], lengths: list[int], steps: int, kv_heads: int,
@@ -32,22 +31,10 @@ def _problem(rng: np.random.RandomState, starts: list[int], lengths: list[int], 
     b = len(starts)
     ends = [s + n for s, n in zip(starts, lengths, strict=True)]
     cols = max(-(-e // page_size) for e in ends) + 1
-    num_pages = b * cols + 5
-    shape = (num_pages, kv_heads, page_size, head_dim)
-    k_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
-    v_pool = (rng.randn(*shape) * GARBAGE).astype(np.float32)
-    order = rng.permutation(num_pages)
-    table = order[: b * cols].reshape(b, cols).astype(np.int32)
-    garbage_pages = order[b * cols:]
+    k_pool, v_pool, table = scattered_pools(rng, ends, cols, kv_heads, head_dim, page_size)
     positions = np.full((b, steps), -1, np.int32)
-    for r, (start, n, end) in enumerate(zip(starts, lengths, ends, strict=True)):
-        used = -(-end // page_size)
-        table[r, used:] = rng.choice(garbage_pages, cols - used)
-        for c in range(used):
-            keys = min(page_size, end - c * page_size)
-            k_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
-            v_pool[table[r, c], :, :keys] = rng.randn(kv_heads, keys, head_dim)
-        positions[r, :n] = np.arange(start, end)
+    for r, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        positions[r, : end - start] = np.arange(start, end)
     q = rng.randn(b, steps, kv_heads, groups, head_dim).astype(np.float32)
     return q, k_pool, v_pool, table, positions
 

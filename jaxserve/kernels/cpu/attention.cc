@@ -196,19 +196,12 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
                                 ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
   const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
-  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || pd.size() != 2 || od.size() != 5)
-    return ffi::Error::InvalidArgument(
-        "paged_decode_attention: q and out must be [B, 1, Hkv, G, D], pools [num_pages, Hkv, page_size, D], "
-        "block_table [B, n], positions [B, 1]");
+  if (ffi::Error e = check_paged_attention("paged_decode_attention", qd, kd, vd, td, pd, od, sliding_window);
+      e.failure())
+    return e;
+  if (qd[1] != 1) return ffi::Error::InvalidArgument("paged_decode_attention: q must hold one query per row (T = 1)");
   const int64_t batch = qd[0], heads = qd[2], groups = qd[3], dim = qd[4];
   const int64_t num_pages = kd[0], page_size = kd[2], cols = td[1];
-  for (size_t i = 0; i < 4; ++i)
-    if (vd[i] != kd[i]) return ffi::Error::InvalidArgument("paged_decode_attention: k_pool and v_pool differ");
-  for (size_t i = 0; i < 5; ++i)
-    if (od[i] != qd[i]) return ffi::Error::InvalidArgument("paged_decode_attention: out must have q's shape");
-  if (qd[1] != 1 || kd[1] != heads || kd[3] != dim || td[0] != batch || pd[0] != batch || pd[1] != 1)
-    return ffi::Error::InvalidArgument("paged_decode_attention: shapes of q, pools, block_table, positions disagree");
-  if (sliding_window < 0) return ffi::Error::InvalidArgument("paged_decode_attention: sliding_window < 0");
 
   // Each row's allowed keys, clamped to the table's columns, and a check of the only page ids that will be read.
   const int32_t* table = block_table.typed_data();
@@ -229,13 +222,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   }
   const Problem p{q.typed_data(), k_pool.typed_data(), v_pool.typed_data(), table, out->typed_data(),
                   cols, heads, groups, page_size, dim};
-  switch (dim == 0 || dim % kLanes ? 0 : dim / kLanes) {
-    case 1: attend_all<1>(pool, p, ranges); break;
-    case 2: attend_all<2>(pool, p, ranges); break;
-    case 4: attend_all<4>(pool, p, ranges); break;
-    case 8: attend_all<8>(pool, p, ranges); break;
-    default: attend_all<0>(pool, p, ranges); break;
-  }
+  with_vectors_per_dim(dim, [&](auto nv) { attend_all<decltype(nv)::value>(pool, p, ranges); });
   return ffi::Error::Success();
 }
 
@@ -243,12 +230,4 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
 }  // namespace jaxserve
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttention, jaxserve::PagedDecodeAttention,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_pool
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // block_table
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // positions
-                                  .Attr<int32_t>("sliding_window")
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+                              jaxserve::paged_attention_binding());

@@ -8,7 +8,9 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -46,6 +48,53 @@ inline vfloat vexp(vfloat x) {
   p = p * r + splat(1.0f);
   const vint bits = (((vint)t - (vint)magic) + 127) << 23;
   return p * (vfloat)bits;
+}
+
+// Calls f(std::integral_constant<int, NV>{}) with NV = dim / kLanes when that is 1, 2, 4 or 8, so a kernel's loops
+// over D have fixed trip counts and its accumulators stay in registers; NV = 0 (any dim, scalar tails) otherwise.
+template <typename F>
+void with_vectors_per_dim(int64_t dim, F f) {
+  switch (dim > 0 && dim % kLanes == 0 ? dim / kLanes : 0) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// Checks the operand shapes both paged attention kernels share: q and out [B, T, Hkv, G, D], k_pool and v_pool
+// [num_pages, Hkv, page_size, D], block_table [B, n], positions [B, T], and sliding_window >= 0. Messages start with
+// `name`. The python wrappers check the same first; this keeps a direct FFI caller from reading out of bounds.
+template <typename Dims>
+xla::ffi::Error check_paged_attention(const std::string& name, Dims qd, Dims kd, Dims vd, Dims td, Dims pd, Dims od,
+                                      int32_t sliding_window) {
+  using xla::ffi::Error;
+  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || pd.size() != 2 || od.size() != 5)
+    return Error::InvalidArgument(name + ": q and out must be [B, T, Hkv, G, D], pools [num_pages, Hkv, page_size, "
+                                  "D], block_table [B, n], positions [B, T]");
+  for (size_t i = 0; i < 4; ++i)
+    if (vd[i] != kd[i]) return Error::InvalidArgument(name + ": k_pool and v_pool differ");
+  for (size_t i = 0; i < 5; ++i)
+    if (od[i] != qd[i]) return Error::InvalidArgument(name + ": out must have q's shape");
+  if (kd[1] != qd[2] || kd[3] != qd[4] || td[0] != qd[0] || pd[0] != qd[0] || pd[1] != qd[1])
+    return Error::InvalidArgument(name + ": shapes of q, pools, block_table, positions disagree");
+  if (sliding_window < 0) return Error::InvalidArgument(name + ": sliding_window < 0");
+  return Error::Success();
+}
+
+// What both paged attention kernels (decode and prefill) take: q, k_pool, v_pool, block_table, positions and the
+// sliding window, returning out.
+inline auto paged_attention_binding() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::ThreadPool>()
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_pool
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // block_table
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // positions
+      .Attr<int32_t>("sliding_window")
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>();
 }
 
 // Runs body(i) for i in [0, n). Work is claimed from a shared counter by the calling thread and by helpers

@@ -3,8 +3,8 @@
 // Why: decode multiplies a handful of rows by every weight of the model, so its speed is the speed at which the
 // weights stream from memory. XLA:CPU's small-M GEMM reads [K, N] weights at ~11 GB/s on a 2-core Zen 5 at 8 rows;
 // reading each kTile-column panel as one contiguous stream, with all rows of x accumulated in registers, reads
-// them at 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of kRows rows, so
-// prefill chunks stream the weights once too.
+// them at 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of
+// kRows rows, so prefill chunks stream the weights once too.
 #include <algorithm>
 #include <cstdint>
 

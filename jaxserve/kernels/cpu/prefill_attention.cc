@@ -235,20 +235,11 @@ ffi::Error PagedPrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, 
                                  ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
   const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
-  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || pd.size() != 2 || od.size() != 5)
-    return ffi::Error::InvalidArgument(
-        "paged_prefill_attention: q and out must be [B, T, Hkv, G, D], pools [num_pages, Hkv, page_size, D], "
-        "block_table [B, n], positions [B, T]");
+  if (ffi::Error e = check_paged_attention("paged_prefill_attention", qd, kd, vd, td, pd, od, sliding_window);
+      e.failure())
+    return e;
   const int64_t batch = qd[0], steps = qd[1], heads = qd[2], groups = qd[3], dim = qd[4];
   const int64_t num_pages = kd[0], page_size = kd[2], cols = td[1];
-  for (size_t i = 0; i < 4; ++i)
-    if (vd[i] != kd[i]) return ffi::Error::InvalidArgument("paged_prefill_attention: k_pool and v_pool differ");
-  for (size_t i = 0; i < 5; ++i)
-    if (od[i] != qd[i]) return ffi::Error::InvalidArgument("paged_prefill_attention: out must have q's shape");
-  if (kd[1] != heads || kd[3] != dim || td[0] != batch || pd[0] != batch || pd[1] != steps)
-    return ffi::Error::InvalidArgument(
-        "paged_prefill_attention: shapes of q, pools, block_table, positions disagree");
-  if (sliding_window < 0) return ffi::Error::InvalidArgument("paged_prefill_attention: sliding_window < 0");
   if (page_size <= 0 || cols * page_size > INT32_MAX)
     return ffi::Error::InvalidArgument("paged_prefill_attention: page_size must be positive, n * page_size < 2**31");
   if (batch * steps * heads * groups * dim == 0) return ffi::Error::Success();
@@ -280,13 +271,7 @@ ffi::Error PagedPrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, 
   }
   const Problem p{q.typed_data(), k_pool.typed_data(), v_pool.typed_data(), table, pos, out->typed_data(),
                   steps, cols, heads, groups, page_size, dim, sliding_window, tile_queries, tiles};
-  switch (dim % kLanes ? 0 : dim / kLanes) {
-    case 1: attend_all<1>(pool, p, ranges, batch); break;
-    case 2: attend_all<2>(pool, p, ranges, batch); break;
-    case 4: attend_all<4>(pool, p, ranges, batch); break;
-    case 8: attend_all<8>(pool, p, ranges, batch); break;
-    default: attend_all<0>(pool, p, ranges, batch); break;
-  }
+  with_vectors_per_dim(dim, [&](auto nv) { attend_all<decltype(nv)::value>(pool, p, ranges, batch); });
   return ffi::Error::Success();
 }
 
@@ -294,12 +279,4 @@ ffi::Error PagedPrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, 
 }  // namespace jaxserve
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedPrefillAttention, jaxserve::PagedPrefillAttention,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_pool
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // block_table
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // positions
-                                  .Attr<int32_t>("sliding_window")
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+                              jaxserve::paged_attention_binding());
