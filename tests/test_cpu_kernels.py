@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not build.available(), reason=f"CPU kernels unav
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
-@pytest.mark.parametrize(("k", "n"), [(64, 64), (48, 100), (256, 272), (33, 130)])
+@pytest.mark.parametrize(("k", "n"), [(64, 64), (48, 100), (256, 272), (33, 130), (3, 50)])
 def test_packed_matmul_equals_a_float64_product(rows: int, k: int, n: int) -> None:
     rng = np.random.default_rng(rows * 1000 + k + n)
     x, w = rng.standard_normal((rows, k), np.float32), rng.standard_normal((k, n), np.float32)

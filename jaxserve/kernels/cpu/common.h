@@ -28,7 +28,8 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t)), align
 
 inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
 inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat*>(p) = v; }
-inline vfloat splat(float x) { return vfloat{} + x; }
+// x - 0 is exactly x for every float (0 + x is not: -0 + 0 = +0), so this compiles to a bare broadcast.
+inline vfloat splat(float x) { return x - vfloat{}; }
 
 // e**x for x in float32 range (clamped to [-87, 88]): Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6
 // Taylor polynomial (relative error ~1e-7), and the power of two put into the exponent bits. exp(0) is exactly 1.

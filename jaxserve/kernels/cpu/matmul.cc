@@ -22,20 +22,35 @@ constexpr int64_t kTile = 48;
 constexpr int kVecs = kTile / kLanes;           // registers per row of a panel
 constexpr int kRows = kLanes == 16 ? 8 : 2;     // rows of x per pass
 
+// A panel's K rows are read as kStreams interleaved runs, each prefetched kPrefetchRows rows ahead. Why: a core
+// streaming one run waits on memory latency (a 2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight
+// at ~11); several runs in flight, requested ahead of use, keep more lines outstanding. On that VM this took a
+// chain of 8-row matmuls from ~11.5 to ~19 GB/s. The order of the K sum changes, not its terms.
+constexpr int kStreams = 4;
+constexpr int64_t kPrefetchRows = 8;
+
 template <int R>
 inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
   vfloat acc[R][kVecs] = {};
-  for (int64_t k = 0; k < k_size; ++k) {
+  const auto row = [&](int64_t k) {
+    const float* wk = w + k * kTile;
+#pragma GCC unroll 8
+    for (int j = 0; j < kVecs; ++j) __builtin_prefetch(wk + kPrefetchRows * kTile + j * kLanes, 0, 3);
     vfloat wv[kVecs];
 #pragma GCC unroll 8
-    for (int j = 0; j < kVecs; ++j) wv[j] = load(w + k * kTile + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) wv[j] = load(wk + j * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const vfloat xr = splat(x[r * k_size + k]);
 #pragma GCC unroll 8
       for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
     }
-  }
+  };
+  const int64_t run = k_size / kStreams;
+  for (int64_t i = 0; i < run; ++i)
+#pragma GCC unroll 8
+    for (int s = 0; s < kStreams; ++s) row(s * run + i);
+  for (int64_t k = kStreams * run; k < k_size; ++k) row(k);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kVecs; ++j) store(y + r * ldy + j * kLanes, acc[r][j]);
 }
