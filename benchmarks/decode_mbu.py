@@ -2,9 +2,10 @@
 
 For each config and batch size: fill `--context` tokens of KV per row, then time `--steps` decode steps through
 `Runner.decode` exactly as the engine calls it (one device-to-host read of the sampled ids per step).
-MBU = (bytes of weights + KV read per step) / step time / measured bandwidth, where the bandwidth is that of a
-jitted float32 reduction over `--bandwidth_gib` GiB on the same devices, measured in the same run. The last column
-columns are the rates at which a chain of matmuls of that batch size reads its weights here, with XLA's own dot
+MBU = (bytes of weights + KV read per step) / step time / measured bandwidth, where the bandwidth is the best of
+the read probes over `--bandwidth_gib` GiB on the same devices, measured in the same run (a jitted float32 sum, and
+the CPU kernels' read with several runs per thread: see jaxserve/kernels/cpu/bandwidth.cc). The last two columns
+are the rates at which a chain of matmuls of that batch size reads its weights here, with XLA's own dot
 and with the CPU matmul kernel (jaxserve/kernels): the practical ceilings. `--cpu_kernels` lists the
 `runner.cpu_kernels` settings to measure, so one run compares the kernels against the pure-JAX path.
 
@@ -13,6 +14,7 @@ and with the CPU matmul kernel (jaxserve/kernels): the practical ceilings. `--cp
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -24,6 +26,7 @@ from absl import app, flags
 from jaxserve.allocator import reexec_under_tcmalloc
 from jaxserve.config import Config, load_config
 from jaxserve.kernels import build as kernels
+from jaxserve.kernels.bandwidth import stream_read
 from jaxserve.kernels.matmul import pack, packed_matmul
 from jaxserve.kv.pages import block_table_array, pages_for
 from jaxserve.runner import Runner, StepBatch
@@ -34,23 +37,34 @@ flags.DEFINE_list("configs", ["configs/default.toml", "configs/bench-110m.toml"]
 flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("context", 256, "Tokens already in each row's KV cache.")
 flags.DEFINE_integer("steps", 64, "Timed decode steps per batch size.")
-flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array the bandwidth probe reduces.")
+flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array the bandwidth probes read.")
 flags.DEFINE_list("cpu_kernels", ["auto", "off"], "runner.cpu_kernels settings to measure, each in turn.")
 flags.DEFINE_multi_string("set", [], "Overrides applied to every config (section.field=value).")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 
 
-def measure_bandwidth(gib: float) -> float:
-    """Bytes/s of a jitted float32 sum over `gib` GiB (best of 5): what one pass over memory costs here."""
-    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
+def _best_seconds(f, *args) -> float:
+    """Best of 5 timed calls of jitted `f`, after one untimed call that compiles it."""
+    jax.block_until_ready(f(*args))
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        total(x).block_until_ready()
+        jax.block_until_ready(f(*args))
         best = min(best, time.perf_counter() - t0)
-    return x.nbytes / best
+    return best
+
+
+def measure_bandwidth(gib: float) -> dict[str, float]:
+    """Bytes/s of reading `gib` GiB of float32 once, by each probe: a jitted XLA sum, and (kernels built) the
+    CPU kernels' read with 1, 2, 4, 8 and 16 interleaved runs per thread. The roofline is the best of them: on some
+    CPUs one run per core reads far below what several runs in flight do."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    rates = {"xla_sum": x.nbytes / _best_seconds(jax.jit(jnp.sum), x)}
+    if kernels.available():
+        for streams in (1, 2, 4, 8, 16):
+            read = jax.jit(functools.partial(stream_read, streams=streams))
+            rates[f"read_{streams}_runs"] = x.nbytes / _best_seconds(read, x)
+    return rates
 
 
 def measure_matmul_bandwidth(rows: int, kernel: bool, width: int = 768, depth: int = 36) -> float:
@@ -68,13 +82,7 @@ def measure_matmul_bandwidth(rows: int, kernel: bool, width: int = 768, depth: i
         chain = jax.jit(lambda ws, x: sum(jnp.sum(packed_matmul(x, w, 4 * width)) for w in ws))
     else:
         chain = jax.jit(lambda ws, x: sum(jnp.sum(x @ w) for w in ws))
-    chain(weights, x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        chain(weights, x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return sum(w.nbytes for w in weights) / best
+    return sum(w.nbytes for w in weights) / _best_seconds(chain, weights, x)
 
 
 def _weight_bytes_read(config: Config) -> int:
@@ -126,9 +134,11 @@ def bench_decode(runner: Runner, rows: int, context: int, steps: int) -> float:
 
 def main(argv: list[str]) -> None:
     del argv
-    bandwidth = measure_bandwidth(FLAGS.bandwidth_gib)
+    probes = measure_bandwidth(FLAGS.bandwidth_gib)
+    bandwidth = max(probes.values())
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
-          f"measured bandwidth={bandwidth / 1e9:.1f} GB/s")
+          f"measured bandwidth={bandwidth / 1e9:.1f} GB/s (best of: "
+          + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in probes.items()) + ")")
     batches = [int(b) for b in FLAGS.batches]
     matmul = {rows: measure_matmul_bandwidth(rows, kernel=False) for rows in batches}
     kernel_matmul = {rows: measure_matmul_bandwidth(rows, kernel=True) if kernels.available() else float("nan")

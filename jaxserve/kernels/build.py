@@ -30,6 +30,7 @@ TARGETS = {
     "jaxserve_packed_matmul": "JaxservePackedMatmul",
     "jaxserve_paged_decode_attention": "JaxservePagedDecodeAttention",
     "jaxserve_paged_prefill_attention": "JaxservePagedPrefillAttention",
+    "jaxserve_stream_read": "JaxserveStreamRead",
 }
 
 
