@@ -93,6 +93,16 @@ def test_decode_equals_dense_attention(kv_heads: int, groups: int, head_dim: int
     np.testing.assert_allclose(got, _reference(*problem, window), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize(("kv_heads", "groups"), [(4, 5), (3, 3), (12, 1)])
+def test_every_group_of_query_rows_accumulated_together_matches_dense_attention(kv_heads: int, groups: int,
+                                                                               head_dim: int) -> None:
+    """The kernel accumulates 256 / head_dim query rows' values at a time: full groups and a remainder of each."""
+    rng = np.random.RandomState(kv_heads * 100 + groups * 10 + head_dim)
+    problem = _problem(rng, _boundary_positions(16), kv_heads, groups, head_dim, 16)
+    np.testing.assert_allclose(_run(*problem, window=0), _reference(*problem, 0), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch", range(1, 10))
 def test_every_batch_size_matches_dense_attention(batch: int) -> None:
     """Five KV heads: small batches split each row's heads into uneven blocks across the threads."""
