@@ -75,11 +75,12 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [B, T, head_dim] in float32 for absolute `positions` [B, T]."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def rope_cos_sin(positions: Any, inv_freq: np.ndarray, xp: Any = jnp) -> tuple[Any, Any]:
+    """cos and sin tables [B, T, head_dim] in float32 for absolute `positions` [B, T], computed with the array
+    module `xp`: jax.numpy inside a traced function, numpy on the host (the runner does that, see `Runner._pad`)."""
+    freqs = positions.astype(xp.float32)[..., None] * xp.asarray(inv_freq)  # [B, T, D/2]
+    emb = xp.concatenate([freqs, freqs], axis=-1)
+    return xp.cos(emb), xp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
