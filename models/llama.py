@@ -190,9 +190,12 @@ class Attention(nn.Module):
             return Projection((d,), (heads, hd), ("embed",), (axis, "head_dim"), cfg.attention_bias, dtype, pdtype,
                               name=name)(x, live)
 
-        q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
-        k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
-        v = proj("v_proj", loc.num_kv_heads, "kv_heads")
+        if self.has_variable("params", "qkv_proj"):
+            q, k, v = self._fused_qkv(x, live)
+        else:
+            q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
+            k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
+            v = proj("v_proj", loc.num_kv_heads, "kv_heads")
         q = apply_rope(q, step.cos, step.sin)
         k = apply_rope(k, step.cos, step.sin)
         k_pool = write_kv(kv[0], k, step.slots)
@@ -206,6 +209,20 @@ class Attention(nn.Module):
                        name="o_proj")(out, live)
         return y, (k_pool, v_pool)
 
+    def _fused_qkv(self, x: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v from the packed `qkv_proj` (see `pack_projections`) in one CPU matmul call, plus any biases."""
+        loc, hd = self.local, self.cfg.head_dim
+        heads = (loc.num_heads, loc.num_kv_heads, loc.num_kv_heads)
+        y = packed_matmul(x, self.get_variable("params", "qkv_proj")["packed"], sum(heads) * hd, live)
+        parts = jnp.split(y, np.cumsum(heads[:-1]) * hd, axis=-1)
+        out = []
+        for name, h, part in zip(("q_proj", "k_proj", "v_proj"), heads, parts, strict=True):
+            part = part.reshape(*x.shape[:-1], h, hd)
+            if self.cfg.attention_bias:
+                part = part + self.get_variable("params", name)["bias"]
+            out.append(part)
+        return tuple(out)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward over the local slice of hidden units."""
@@ -218,6 +235,10 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         f = self.local.intermediate_size
+        if self.has_variable("params", "gate_up_proj"):  # packed by `pack_projections`: SwiGLU in the kernel
+            h = packed_matmul(x, self.get_variable("params", "gate_up_proj")["packed"], f, live, swiglu=True)
+            return Projection((f,), (cfg.hidden_size,), ("mlp",), ("embed",), False, dtype, pdtype,
+                              name="down_proj")(h, live)
         gate = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype,
                           name="gate_proj")(x, live)
         up = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype, name="up_proj")(x, live)
@@ -261,21 +282,38 @@ class DecoderLayer(nn.Module):
 PROJECTION_INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
                          "down_proj": 1}
 
+# Projections of the same input that the CPU kernels compute in one matmul call, by the name of their packed weight:
+# q, k and v side by side, and the MLP's gate and up interleaved with SwiGLU applied in the kernel. Why: a decode
+# step is ~8 kernel calls per layer and each pays a start and a tail; one call also streams one contiguous weight.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
-def pack_projections(layer: Params, fn: Callable[[Any, int], Any]) -> Params:
-    """One layer's params with each projection's `kernel` replaced by `packed` = fn(kernel, input dims).
 
-    Works on any tree shaped like a layer's params (arrays, PartitionSpecs); biases and norms are kept as they are.
+def pack_projections(layer: Params, fn: Callable[[list[Any], int, bool], Any]) -> Params:
+    """One layer's params laid out for the CPU kernels: the kernels of each projection, or of each group in
+    `FUSED_PROJECTIONS`, replaced by `{"packed": fn(kernels, input dims, swiglu)}` (swiglu for gate_up_proj).
+
+    Biases and norms stay where they were, so a fused projection with a bias keeps `{"bias": ...}` under its own
+    name. Works on any tree shaped like a layer's params (arrays, logical axes).
     """
     def walk(tree: Params) -> Params:
-        out = {}
+        out: Params = {}
+        for fused, members in FUSED_PROJECTIONS.items():
+            if all(m in tree for m in members):
+                out[fused] = {"packed": fn([tree[m]["kernel"] for m in members], PROJECTION_INPUT_DIMS[members[0]],
+                                           fused == "gate_up_proj")}
+        grouped = {m for f in out for m in FUSED_PROJECTIONS[f]}
         for name, sub in tree.items():
-            if name in PROJECTION_INPUT_DIMS:
-                sub = {("packed" if k == "kernel" else k): (fn(v, PROJECTION_INPUT_DIMS[name]) if k == "kernel"
-                                                           else v) for k, v in sub.items()}
+            if name in grouped:
+                rest = {k: v for k, v in sub.items() if k != "kernel"}
+                if rest:
+                    out[name] = rest
+            elif name in PROJECTION_INPUT_DIMS:
+                out[name] = {("packed" if k == "kernel" else k): (fn([v], PROJECTION_INPUT_DIMS[name], False)
+                                                                 if k == "kernel" else v) for k, v in sub.items()}
             elif isinstance(sub, dict):
-                sub = walk(sub)
-            out[name] = sub
+                out[name] = walk(sub)
+            else:
+                out[name] = sub
         return out
     return walk(layer)
 

@@ -9,10 +9,10 @@ from test_runner import _prefill_batch
 from jaxserve.config import load_config
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.kernels import build
-from jaxserve.kernels.matmul import TILE, pack, packed_matmul
+from jaxserve.kernels.matmul import TILE, pack, pack_swiglu, packed_matmul
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
-from models.llama import live_tokens
+from models.llama import live_tokens, pack_projections
 
 pytestmark = pytest.mark.skipif(not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}")
 
@@ -44,6 +44,52 @@ def test_packed_matmul_computes_only_live_rows_and_zeros_the_padding(live: int) 
     kept = min(live, 40)  # a count past the rows is clamped
     np.testing.assert_allclose(got[:kept], x[:kept].astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
     assert not got[kept:].any()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize(("k", "n"), [(64, 48), (48, 100), (33, 130), (3, 50)])
+def test_swiglu_matmul_equals_silu_of_gate_times_up_in_float64(rows: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x, gate, up = (rng.standard_normal(s, np.float32) for s in ((rows, k), (k, n), (k, n)))
+    live = max(rows - 1, 1)  # the last row is padding
+    packed = pack_swiglu(jnp.asarray(gate), jnp.asarray(up))
+    got = np.asarray(jax.jit(packed_matmul, static_argnums=(2, 4))(jnp.asarray(x), packed, n, jnp.int32(live), True))
+    g, u = x[:live].astype(np.float64) @ gate, x[:live].astype(np.float64) @ up
+    want = g / (1 + np.exp(-g)) * u
+    assert got.shape == (rows, n)
+    np.testing.assert_allclose(got[:live], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not got[live:].any()
+
+
+def test_pack_swiglu_interleaves_gate_and_up_panels() -> None:
+    gate, up = (np.arange(4 * 70, dtype=np.float32).reshape(4, 70) + b for b in (0, 1000))
+    packed = np.asarray(pack_swiglu(jnp.asarray(gate), jnp.asarray(up)))
+    assert packed.shape == (4, 4, TILE)
+    np.testing.assert_array_equal(packed[0::2], np.asarray(pack(jnp.asarray(gate))))
+    np.testing.assert_array_equal(packed[1::2], np.asarray(pack(jnp.asarray(up))))
+
+
+@pytest.mark.parametrize(("n", "swiglu"), [(97, False), (48, False), (49, True), (0, False)])
+def test_packed_matmul_refuses_an_n_its_panels_do_not_hold(n: int, swiglu: bool) -> None:
+    packed = pack(jnp.ones((8, 96), jnp.float32))  # 2 panels: n in 49..96, or 1..48 as a SwiGLU pair
+    with pytest.raises(ValueError, match=f"n={n} does not fit"):
+        packed_matmul(jnp.ones((2, 8), jnp.float32), packed, n, swiglu=swiglu)
+
+
+def test_pack_projections_fuses_qkv_and_gate_up_and_keeps_biases() -> None:
+    layer = {"input_norm": {"scale": "s1"},
+             "attn": {name: {"kernel": name, "bias": f"{name} bias"} for name in ("q_proj", "k_proj", "v_proj")}
+             | {"o_proj": {"kernel": "o_proj"}},
+             "mlp": {name: {"kernel": name} for name in ("gate_proj", "up_proj", "down_proj")}}
+    packed = pack_projections(layer, lambda kernels, n_in, swiglu: (tuple(kernels), n_in, swiglu))
+    assert packed == {
+        "input_norm": {"scale": "s1"},
+        "attn": {"qkv_proj": {"packed": (("q_proj", "k_proj", "v_proj"), 1, False)},
+                 "q_proj": {"bias": "q_proj bias"}, "k_proj": {"bias": "k_proj bias"},
+                 "v_proj": {"bias": "v_proj bias"}, "o_proj": {"packed": (("o_proj",), 2, False)}},
+        "mlp": {"gate_up_proj": {"packed": (("gate_proj", "up_proj"), 1, True)},
+                "down_proj": {"packed": (("down_proj",), 1, False)}},
+    }
 
 
 @pytest.mark.parametrize(("positions", "want"), [
@@ -80,9 +126,10 @@ def _runner(kernels: str, *overrides: str) -> Runner:
                                                     *overrides]))
 
 
-@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 2), (4, 1)])
-def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: int) -> None:
-    mesh = (f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}")
+@pytest.mark.parametrize(("tensor", "pipeline", "bias"), [(1, 1, False), (2, 2, False), (4, 1, False), (2, 1, True)])
+def test_runner_on_the_kernels_gives_the_pure_jax_logits(tensor: int, pipeline: int, bias: bool) -> None:
+    # Biases (Qwen2) ride beside the fused q/k/v matmul, on each device's slice of the heads.
+    mesh = (f"mesh.tensor={tensor}", f"mesh.pipeline={pipeline}", f"model.attention_bias={str(bias).lower()}")
     on, off = _runner("on", *mesh), _runner("off", *mesh)
     assert on.cpu_kernels and not off.cpu_kernels
     ps = on.config.cache.page_size

@@ -1,7 +1,8 @@
 """Matmuls against pre-packed weights for the CPU kernel (see cpu/matmul.cc for why packing).
 
 A [K, N] weight is packed once, at load, into [N_padded / TILE, K, TILE] panels; `packed_matmul` then computes
-x @ W for any number of rows. The logical N travels with the call so padding columns are dropped.
+x @ W for any number of rows. The logical N travels with the call so padding columns are never written. An MLP's
+gate and up weights can be packed together (`pack_swiglu`) so that one call computes silu(x @ gate) * (x @ up).
 """
 
 from __future__ import annotations
@@ -22,16 +23,27 @@ def pack(w: jax.Array) -> jax.Array:
     return w.reshape(k, panels, TILE).transpose(1, 0, 2)
 
 
-def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | None = None) -> jax.Array:
+def pack_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """[K, N] gate and up -> [2 * ceil(N / TILE), K, TILE]: their panels interleaved, gate first, for
+    `packed_matmul(..., swiglu=True)`. Each pair of panels is contiguous, so the kernel streams them as one."""
+    g, u = pack(gate), pack(up)
+    return jnp.stack([g, u], axis=1).reshape(2 * g.shape[0], *g.shape[1:])
+
+
+def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | None = None,
+                  swiglu: bool = False) -> jax.Array:
     """x [..., K] float32 @ the packed weight -> [..., n] float32, on the CPU kernel.
 
     `live` (an int32 scalar), when given, says only the first `live` rows of x flattened over its leading dims are
-    real: the rest are bucket padding, skipped by the kernel and returned as zeros.
+    real: the rest are bucket padding, skipped by the kernel and returned as zeros. `swiglu`: `packed` comes from
+    `pack_swiglu` and the result is silu(x @ gate) * (x @ up).
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    panels = packed.shape[0]
+    panels = packed.shape[0] // (2 if swiglu else 1)
+    if not (panels - 1) * TILE < n <= panels * TILE:
+        raise ValueError(f"packed_matmul: n={n} does not fit {panels} panels of {TILE} columns")
     live = jnp.full((), rows, jnp.int32) if live is None else jnp.asarray(live, jnp.int32).reshape(())
-    call = jax.ffi.ffi_call("jaxserve_packed_matmul", jax.ShapeDtypeStruct((rows, panels * TILE), jnp.float32))
-    y = call(x.reshape(rows, k).astype(jnp.float32), packed, live)
-    return y[:, :n].reshape(*lead, n)
+    call = jax.ffi.ffi_call("jaxserve_packed_matmul", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    y = call(x.reshape(rows, k).astype(jnp.float32), packed, live, swiglu=swiglu)
+    return y.reshape(*lead, n)

@@ -38,9 +38,13 @@ def canonical_specs(config: Config) -> Params:
     return jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
 
 
-def _packed_axes(axes: tuple[str | None, ...], n_in: int) -> tuple[str | None, ...]:
+def _packed_axes(kernels: list[tuple[str | None, ...]], n_in: int, swiglu: bool) -> tuple[str | None, ...]:
     """Logical axes of a packed kernel: [layers, *in, *out] -> [layers, panels, K, TILE]. Each device packs its
-    own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of K."""
+    own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of K; kernels
+    packed together (`llama.FUSED_PROJECTIONS`) are sharded alike, so the first one's axes stand for all."""
+    del swiglu
+    axes = kernels[0]
+
     def sharded(names: tuple[str | None, ...]) -> str | None:
         return next((a for a in names if a is not None and mesh_axis(a) is not None), None)
     return (axes[0], sharded(axes[1 + n_in:]), sharded(axes[1:1 + n_in]), None)
@@ -66,11 +70,13 @@ def pack_for_cpu_kernels(params: Params, config: Config, mesh: Mesh) -> Params:
     """The serving tree with every projection kernel, and the LM head, packed for the CPU matmul kernel.
 
     Each device packs its own shard (under shard_map), so packing never gathers a weight. Projection kernels are
-    replaced; the embedding table stays for the lookup (tied embeddings then hold the head twice, once packed).
+    replaced (q/k/v and gate/up packed together, see `llama.pack_projections`); the embedding table stays for the
+    lookup (tied embeddings then hold the head twice, once packed).
     """
-    def pack_local(a: jax.Array, n_in: int) -> jax.Array:  # a: [1 stage, *in, *out]
-        k = math.prod(a.shape[1:1 + n_in])
-        return matmul.pack(a.reshape(k, -1))[None]
+    def pack_local(kernels: list[jax.Array], n_in: int, swiglu: bool) -> jax.Array:  # each [1 stage, *in, *out]
+        k = math.prod(kernels[0].shape[1:1 + n_in])
+        flat = [a.reshape(k, -1) for a in kernels]
+        return (matmul.pack_swiglu(*flat) if swiglu else matmul.pack(jnp.concatenate(flat, axis=1)))[None]
 
     def body(p: Params) -> Params:
         out = dict(p)

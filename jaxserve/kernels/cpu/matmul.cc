@@ -55,6 +55,7 @@ inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y,
     for (int j = 0; j < kVecs; ++j) store(y + r * ldy + j * kLanes, acc[r][j]);
 }
 
+// x[rows, k] @ one panel into y[rows, kTile] (row stride ldy), for any rows <= kRows.
 template <int R>
 void panel_tail(int rows, const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
   if constexpr (R > 0) {
@@ -63,29 +64,59 @@ void panel_tail(int rows, const float* x, int64_t k_size, const float* w, float*
   }
 }
 
+// silu(gate) * up, elementwise over one panel's columns: the SwiGLU of an MLP, applied while its two products are
+// still in cache. silu(g) = g / (1 + e**-g).
+inline void swiglu(const float* gate, const float* up, float* out) {
+#pragma GCC unroll 8
+  for (int j = 0; j < kVecs; ++j) {
+    const vfloat g = load(gate + j * kLanes);
+    store(out + j * kLanes, g / (splat(1.0f) + vexp(-g)) * load(up + j * kLanes));
+  }
+}
+
 // Only the first `live` rows of x are multiplied; the rest are padding (a decode batch or prefill chunk rounded up
 // to its compiled bucket) and get zeros, so padding costs no arithmetic.
+//
+// y holds exactly the logical N columns (the last panel's zero padding is never stored), so no slice follows the
+// call. With `swiglu`, w holds gate and up panels interleaved (gate panel p at 2p, up panel p at 2p + 1) and y is
+// silu(x @ gate) * (x @ up): the MLP's two input projections in one pass over contiguous memory, without writing
+// either product out.
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y, bool swiglu_pairs) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K], w [panels, K, kTile], y [M, panels * kTile]");
-  const int64_t m = xd[0], k = xd[1], panels = wd[0];
-  if (wd[1] != k || wd[2] != kTile || yd[0] != m || yd[1] != panels * kTile)
+    return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K], w [panels, K, kTile], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  const int64_t per_out = swiglu_pairs ? 2 : 1;  // weight panels per output panel
+  if (wd[0] % per_out != 0) return ffi::Error::InvalidArgument("packed_matmul: swiglu needs an even panel count");
+  const int64_t out_panels = wd[0] / per_out;
+  if (wd[1] != k || wd[2] != kTile || yd[0] != m || n > out_panels * kTile || n <= (out_panels - 1) * kTile)
     return ffi::Error::InvalidArgument("packed_matmul: shapes of x, w and y disagree");
   if (live.element_count() != 1) return ffi::Error::InvalidArgument("packed_matmul: live must hold one row count");
   const int64_t rows_live = std::clamp<int64_t>(live.typed_data()[0], 0, m);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  const int64_t n = panels * kTile;
-  const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(pool.num_threads(), 1));
+  const int64_t chunks = std::min<int64_t>(out_panels, std::max<int64_t>(pool.num_threads(), 1));
   parallel_for(pool, chunks, [&](int64_t c) {
-    for (int64_t p = c * panels / chunks; p < (c + 1) * panels / chunks; ++p) {
-      const float* panel = wp + p * k * kTile;
+    alignas(64) float gate[kRows][kTile], prod[kRows][kTile];
+    for (int64_t p = c * out_panels / chunks; p < (c + 1) * out_panels / chunks; ++p) {
+      const float* panel = wp + p * per_out * k * kTile;
+      const int64_t cols = std::min<int64_t>(kTile, n - p * kTile);
       for (int64_t r = 0; r < rows_live; r += kRows) {
         const int rows = static_cast<int>(rows_live - r < kRows ? rows_live - r : kRows);
-        panel_tail<kRows>(rows, xp + r * k, k, panel, yp + r * n + p * kTile, n);
+        float* out = yp + r * n + p * kTile;
+        if (swiglu_pairs) {
+          panel_tail<kRows>(rows, xp + r * k, k, panel, gate[0], kTile);
+          panel_tail<kRows>(rows, xp + r * k, k, panel + k * kTile, prod[0], kTile);
+          for (int i = 0; i < rows; ++i) swiglu(gate[i], prod[i], prod[i]);
+        } else if (cols == kTile) {
+          panel_tail<kRows>(rows, xp + r * k, k, panel, out, n);
+          continue;
+        } else {
+          panel_tail<kRows>(rows, xp + r * k, k, panel, prod[0], kTile);
+        }
+        for (int i = 0; i < rows; ++i) std::copy(prod[i], prod[i] + cols, out + i * n);
       }
     }
   });
@@ -102,4 +133,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, jaxserve::PackedMatmul,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // live rows
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<bool>("swiglu"));
