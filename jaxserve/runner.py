@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import Config
 from jaxserve.kernels import build as kernels
+from jaxserve.kernels.logit_stats import logit_stats
 from jaxserve.parallel import layout
 from jaxserve.parallel.mesh import logical_to_spec, make_mesh, mesh_axis
 from jaxserve.parallel.pipeline import microbatching, run_stages
@@ -280,11 +281,10 @@ class Runner:
         )(params, kv, tokens, positions, slots, block_table, cos, sin, last_index)
         if all_logits:
             return logits, kv
-        if self.sampled_vocab < cfg.vocab_size:
-            logits = jnp.where(jnp.arange(cfg.vocab_size) < self.sampled_vocab, logits, -jnp.inf)
         rows = jnp.arange(tokens.shape[0])
         next_pos = positions[rows, last_index] + 1
-        return sample(logits, sampling, next_pos, self.config.runner.max_logprobs), kv
+        return sample(logits, sampling, next_pos, self.config.runner.max_logprobs, self.sampled_vocab,
+                      logit_stats if self.cpu_kernels else None), kv
 
     # ----- compilation -----
 

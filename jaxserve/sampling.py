@@ -6,11 +6,16 @@ gives the same tokens whatever else shares its batch, and the same seed and prom
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 NEG_INF = -1e30
+
+# (logits [B, V], valid ids) -> (max [B], first id of the max [B], log-sum-exp of logits - max [B]).
+RowStats = Callable[[jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 @struct.dataclass
@@ -62,30 +67,46 @@ def _draw(logits: jax.Array, params: SamplingParams, positions: jax.Array, greed
     return jnp.where(params.temperature > 0, drawn, greedy)
 
 
-def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array, num_logprobs: int) -> Sampled:
+def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array, num_logprobs: int,
+           valid: int | None = None, row_stats: RowStats | None = None) -> Sampled:
     """Draws one token per row from float32 logits [B, V]; `positions` [B] is the position being sampled.
 
     Logprobs are those of the unmodified model distribution (before temperature and filters), as vLLM reports; the
     top `num_logprobs` alternatives are computed only when some row's `params.logprobs` asks for them (zeros
     otherwise), since a top-k over the vocabulary costs as much as the rest of sampling.
 
+    `valid`: only ids below it can be drawn or reported (the rest are padding rows of the vocabulary). The padding
+    is masked only on the paths that read the whole distribution (drawing, top-N), not for greedy decoding.
+    `row_stats(logits, valid)` -> (max, first id of the max, log-sum-exp of logits - max) per row, when given,
+    computes what greedy decoding and logprobs need in one pass (the CPU kernel, `kernels.logit_stats`).
+
     Every pass over [B, V] here is a plain reduction: on XLA:CPU `argmax` and `log_softmax` followed by a gather run
     2-3x slower than the max, exp-sum and masked min they are rewritten into (6 -> ~2 ms at 32 x 32000).
     """
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    shifted = logits - jax.lax.stop_gradient(top)  # the log_softmax of jax.nn, term for term
-    log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
     vocab = logits.shape[-1]
-    # First index of each row's maximum, like argmax (a NaN row, which has no maximum, gives the last id).
-    greedy = jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+    valid = vocab if valid is None else valid
+
+    def masked() -> jax.Array:
+        return logits if valid == vocab else jnp.where(jnp.arange(vocab) < valid, logits, -jnp.inf)
+
+    if row_stats is not None:
+        top, greedy, log_total = row_stats(logits, valid)
+        top = top[:, None]
+    else:
+        full = masked()
+        top = jnp.max(full, axis=-1, keepdims=True)
+        log_total = jnp.log(jnp.sum(jnp.exp(full - top), axis=-1))  # the log_softmax of jax.nn, term for term
+        # First index of each row's maximum, like argmax (a NaN row, which has no maximum, gives the last id).
+        greedy = jnp.min(jnp.where(full == top, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+    top = jax.lax.stop_gradient(top)
     # An all-greedy batch (the common serving case) skips the sort and the random draws entirely.
-    token = jax.lax.cond(jnp.any(params.temperature > 0), _draw, lambda *_: greedy, logits, params, positions,
-                         greedy)
-    chosen = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_total
+    token = jax.lax.cond(jnp.any(params.temperature > 0), lambda: _draw(masked(), params, positions, greedy),
+                         lambda: greedy)
+    chosen = (jnp.take_along_axis(logits, token[:, None], axis=-1) - top)[:, 0] - log_total
     b = logits.shape[0]
     if num_logprobs:
         def top_n() -> tuple[jax.Array, jax.Array]:
-            values, ids = jax.lax.top_k(shifted, num_logprobs)
+            values, ids = jax.lax.top_k(masked() - top, num_logprobs)
             return values - log_total[:, None], ids.astype(jnp.int32)
 
         def none() -> tuple[jax.Array, jax.Array]:

@@ -70,3 +70,17 @@ def test_temperature_one_matches_the_model_distribution() -> None:
     tokens = np.asarray(sample(logits, _params(n, temperature=1.0), jnp.zeros(n, jnp.int32), 0).token)
     freq = np.bincount(tokens, minlength=4) / n
     np.testing.assert_allclose(freq, probs, atol=0.03)  # ~4 standard errors at n=4000
+
+
+def test_ids_past_valid_are_never_drawn_or_reported_and_carry_no_probability() -> None:
+    logits = np.asarray(LOGITS).copy()
+    logits[:, 45:] = 50.0  # padding rows of the vocabulary with the highest logits
+    rows = jnp.zeros(4, jnp.int32)
+    for params in (_params(4), _params(4, temperature=2.0), _params(4, temperature=1.0, top_p=0.99)):
+        out = sample(jnp.asarray(logits), params, rows, 5, valid=45)
+        assert (np.asarray(out.token) < 45).all() and (np.asarray(out.top_tokens) < 45).all()
+    out = sample(jnp.asarray(logits), _params(4), rows, 5, valid=45)
+    ref = jax.nn.log_softmax(LOGITS[:, :45])
+    np.testing.assert_array_equal(out.token, np.argmax(LOGITS[:, :45], -1))
+    np.testing.assert_allclose(out.logprob, ref[np.arange(4), out.token], rtol=1e-6)
+    np.testing.assert_allclose(out.top_logprobs, np.sort(ref, -1)[:, ::-1][:, :5], rtol=1e-6)

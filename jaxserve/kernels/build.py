@@ -31,6 +31,7 @@ TARGETS = {
     "jaxserve_paged_decode_attention": "JaxservePagedDecodeAttention",
     "jaxserve_paged_prefill_attention": "JaxservePagedPrefillAttention",
     "jaxserve_stream_read": "JaxserveStreamRead",
+    "jaxserve_logit_stats": "JaxserveLogitStats",
 }
 
 
