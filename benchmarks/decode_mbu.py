@@ -1,7 +1,9 @@
 """Decode throughput and memory-bandwidth utilisation (MBU) of the runner, against this machine's measured roofline.
 
 For each config and batch size: fill `--context` tokens of KV per row, then time `--steps` decode steps through
-`Runner.decode` exactly as the engine calls it (one device-to-host read of the sampled ids per step).
+`Runner.decode` exactly as the engine calls it: one device-to-host read of the sampled ids per step, and with
+`--async_scheduling` (the engine's default) each step dispatched with its input ids fed on the device from the
+previous step, whose ids are read back only then, so the host's work overlaps the device's.
 MBU = (bytes of weights + KV read per step) / step time / roofline, where the roofline is the best of the read
 probes over `--bandwidth_gib` GiB on the same devices (a jitted float32 sum, and the CPU kernels' read with several
 runs per thread: see jaxserve/kernels/cpu/bandwidth.cc), measured right before the timed steps. Each batch size is
@@ -31,7 +33,8 @@ from jaxserve.kernels import build as kernels
 from jaxserve.kernels.bandwidth import stream_read
 from jaxserve.kernels.matmul import pack, packed_matmul
 from jaxserve.kv.pages import block_table_array, pages_for
-from jaxserve.runner import Runner, StepBatch
+from jaxserve.runner import Feed, Runner, StepBatch
+from jaxserve.sampling import Sampled
 from models import llama
 
 FLAGS = flags.FLAGS
@@ -42,6 +45,8 @@ flags.DEFINE_integer("steps", 64, "Timed decode steps per batch size and repeat.
 flags.DEFINE_integer("repeats", 3, "Times each batch size is measured, each right after its own bandwidth probe.")
 flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array the bandwidth probes read.")
 flags.DEFINE_list("cpu_kernels", ["auto", "off"], "runner.cpu_kernels settings to measure, each in turn.")
+flags.DEFINE_bool("async_scheduling", True, "Feed each step's input ids from the previous step on the device and "
+                  "read them back after dispatching the next, as the engine's engine.async_scheduling does.")
 flags.DEFINE_multi_string("set", [], "Overrides applied to every config (section.field=value).")
 flags.DEFINE_string("json_out", "", "Also write the results as JSON here.")
 
@@ -109,29 +114,42 @@ def _kv_bytes_read(config: Config, rows: int, context: int) -> int:
     return rows * tokens * m.num_layers * 2 * max(m.num_kv_heads, config.mesh.tensor) * m.head_dim * itemsize
 
 
-def bench_decode(runner: Runner, rows: int, context: int, steps: int) -> float:
-    """Seconds per decode step for `rows` rows at `context` tokens (sampled ids read back every step)."""
+def bench_decode(runner: Runner, rows: int, context: int, steps: int, overlap: bool = True) -> float:
+    """Seconds per decode step for `rows` rows at `context` tokens (sampled ids read back every step; `overlap`:
+    after the next step is dispatched with them fed on the device, as the engine's asynchronous scheduling does)."""
     config = runner.config
     ps = config.cache.page_size
-    per_row = pages_for(context + steps + 1, ps)
+    per_row = pages_for(context + steps + 4, ps)
     tables = [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]
     if 1 + rows * per_row > config.cache.num_pages:
         raise ValueError(f"{rows} rows x {per_row} pages exceed cache.num_pages={config.cache.num_pages}")
     zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+    every_row = np.arange(rows, dtype=np.int32)
 
-    def step(pos: int) -> None:
+    def step(pos: int, previous: Sampled | None) -> Sampled:
         width = pages_for(pos + 1, ps)
         table = block_table_array([t[:width] for t in tables], width)
         slots = table[:, pos // ps] * ps + pos % ps
         batch = StepBatch(np.full((rows, 1), 7, np.int32), np.full((rows, 1), pos, np.int32), slots[:, None],
                           table, zeros_i, zeros_f, zeros_i, np.ones(rows, np.float32), np.zeros(rows, np.uint32))
-        np.asarray(runner.decode(batch).token)
+        if not overlap:
+            out = runner.decode(batch)
+            np.asarray(out.token)
+            return out
+        out = runner.decode(batch, None if previous is None else Feed(previous.token, every_row))
+        if previous is not None:
+            np.asarray(previous.token)
+        return out
 
-    for pos in range(context, context + 3):  # compile and warm
-        step(pos)
+    def run(first: int, count: int) -> None:
+        previous = None
+        for pos in range(first, first + count):
+            previous = step(pos, previous)
+        np.asarray(previous.token)
+
+    run(context, 3)  # compile and warm
     t0 = time.perf_counter()
-    for pos in range(context, context + steps):
-        step(pos)
+    run(context, steps)
     return (time.perf_counter() - t0) / steps
 
 
@@ -164,7 +182,7 @@ def main(argv: list[str]) -> None:
                     # probe taken just before it, in the same conditions.
                     roofline = max(measure_bandwidth(FLAGS.bandwidth_gib).values())
                     best_probe = max(best_probe, roofline)
-                    seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps)
+                    seconds = bench_decode(runner, rows, FLAGS.context, FLAGS.steps, FLAGS.async_scheduling)
                     runs.append((read / seconds / roofline, seconds, roofline))
                 mbu, seconds, roofline = sorted(runs)[len(runs) // 2]  # the median repeat
                 fastest = min(r[1] for r in runs)

@@ -198,6 +198,9 @@ class EngineConfig:
     swap_min_tokens: int = 64
     # "static" runs each batch to its last token before admitting more (a baseline for benchmarks).
     batching: str = "continuous"
+    # Plan and dispatch each step while the previous one runs on the device, reading its ids afterwards (see
+    # jaxserve/engine.py); false runs each step to completion before planning the next.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _require(self.batching in ("continuous", "static"), "engine.batching",

@@ -65,6 +65,19 @@ class StepBatch:
         return self.tokens.shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """Decode input tokens taken on the device from the previous decode step's output instead of from the host.
+
+    `tokens`: that step's sampled ids (`Sampled.token`, its rows bucket); `rows` [B]: for each row of this batch the
+    row of `tokens` holding its input token, or -1 to take `StepBatch.tokens`. Why: the next step can be dispatched
+    before the previous one's ids reach the host, so the host's work overlaps the device's (asynchronous scheduling).
+    """
+
+    tokens: jax.Array
+    rows: np.ndarray
+
+
 def _bucket(value: int, buckets: tuple[int, ...], what: str) -> int:
     for b in buckets:
         if value <= b:
@@ -306,14 +319,35 @@ class Runner:
         self.compile_count += 1
         return exe
 
+    def _feed_executable(self, previous: int, rows: int) -> Any:
+        """The gather of a `Feed`: [previous] ids, [rows] source rows (-1: host), [rows, 1] host ids -> [rows, 1]."""
+        key = ("feed", previous, rows)
+        exe = self._compiled.get(key)
+        if exe is not None:
+            return exe
+
+        def gather(ids: jax.Array, src: jax.Array, host: jax.Array) -> jax.Array:
+            picked = ids[jnp.clip(src, 0, previous - 1)]
+            return jnp.where(src >= 0, picked, host[:, 0])[:, None]
+
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rep)  # noqa: E731
+        exe = jax.jit(gather, out_shardings=rep).lower(i32(previous), i32(rows), i32(rows, 1)).compile()
+        self._compiled[key] = exe
+        self.compile_count += 1
+        return exe
+
     def warmup(self) -> None:
-        """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use, and
-        the page copies when pages can leave the device."""
+        """Compiles every decode bucket (rows x pages) and every prefill bucket (chunk x pages) ahead of use, the
+        token feeds between decode buckets, and the page copies when pages can leave the device."""
         for pages in self.page_buckets:
             for rows in self.decode_buckets:
                 self._executable(rows, 1, pages, False)
             for length in self.prefill_buckets:
                 self._executable(1, length, pages, False)
+        for previous in self.decode_buckets:
+            for rows in self.decode_buckets:
+                self._feed_executable(previous, rows)
         if self.config.cache.has_host_tier:
             for num in self.copy_buckets:
                 self._copy_executable("read", num)
@@ -420,11 +454,16 @@ class Runner:
         arrays += llama.rope_cos_sin(arrays[1], self._inv_freq, np)
         return rows, length, pages, arrays
 
-    def _run(self, batch: StepBatch, decode: bool, all_logits: bool = False) -> Any:
+    def _run(self, batch: StepBatch, decode: bool, all_logits: bool = False, feed: Feed | None = None) -> Any:
         rows, length, pages, a = self._pad(batch, decode)
         with self._lock:
+            tokens = a[0]
+            if feed is not None:
+                src = np.full(rows, -1, np.int32)
+                src[: len(feed.rows)] = feed.rows
+                tokens = self._feed_executable(feed.tokens.shape[0], rows)(feed.tokens, src, a[0])
             exe = self._executable(rows, length, pages, all_logits)
-            out, self.kv = exe(self.params, self.kv, a[0], a[1], a[2], a[3], a[10], a[11], a[4],
+            out, self.kv = exe(self.params, self.kv, tokens, a[1], a[2], a[3], a[10], a[11], a[4],
                                SamplingParams(a[5], a[6], a[7], a[8], a[9]))
         return out
 
@@ -435,11 +474,15 @@ class Runner:
         """
         return self._run(batch, decode=False)
 
-    def decode(self, batch: StepBatch) -> Sampled:
-        """Appends one token per row and samples the next; returns device arrays like `prefill`."""
+    def decode(self, batch: StepBatch, feed: Feed | None = None) -> Sampled:
+        """Appends one token per row and samples the next; returns device arrays like `prefill`. With `feed`, rows
+        take their input token from a previous decode step's output on the device (see `Feed`)."""
         if batch.tokens.shape[1] != 1:
             raise ValueError(f"decode takes one token per row, got {batch.tokens.shape[1]}")
-        return self._run(batch, decode=True)
+        if feed is not None and feed.rows.shape != (batch.num_rows,):
+            raise ValueError(f"feed.rows must hold one source row per batch row ({batch.num_rows}), got shape "
+                             f"{feed.rows.shape}")
+        return self._run(batch, decode=True, feed=feed)
 
     def logits(self, batch: StepBatch, decode: bool = False) -> np.ndarray:
         """Float32 logits [B, T, V] of every token of a chunk, through the prefill (or, with `decode`, the decode)

@@ -126,7 +126,7 @@ class Scheduler:
         i = 0
         while i < len(queue) and budget > 0:
             seq = queue[i]
-            if seq.num_uncomputed != 1:
+            if seq.num_uncomputed != 1 or self._ends_with_pending(seq, cache):
                 i += 1
             elif self._reject_if_outgrown(seq, cache, plan):
                 queue.pop(i)
@@ -172,6 +172,7 @@ class Scheduler:
         if seq.is_finished:
             raise ValueError(f"request {seq.request_id!r} already finished ({seq.status.name})")
         cache.release(seq)
+        seq.drop_pending()
         seq.status = status
         seq.error = error
 
@@ -207,6 +208,13 @@ class Scheduler:
         cache.commit(seq, start)
         (plan.decode if length == 1 and chunk.samples else plan.prefill).append(chunk)
         return length
+
+    def _ends_with_pending(self, seq: Sequence, cache: KVCache) -> bool:
+        """Whether the token still being sampled for `seq` (asynchronous scheduling) is its last: its max_tokens-th,
+        or one past what it can hold. Decoding it would be wasted, and finishing it now would lose that token: the
+        engine finishes it when the token arrives."""
+        return bool(seq.num_pending) and (seq.num_output_tokens >= seq.options.max_tokens
+                                          or seq.num_tokens > self.capacity(cache))
 
     def _reject_if_outgrown(self, seq: Sequence, cache: KVCache, plan: StepPlan) -> bool:
         """Finishes a sequence longer than it can ever be held: an error for a bare prompt, else a length stop."""

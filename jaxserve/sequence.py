@@ -3,6 +3,10 @@
 Plain data, no JAX and no policy. The scheduler moves a sequence between states and owns `num_computed_tokens`,
 `block_table` and `status`; the engine appends sampled tokens and finishes sequences (through the scheduler, which
 also frees their pages).
+
+With asynchronous scheduling the engine plans a step before the previous one's tokens reach the host: a token
+being sampled on the device is held as a `PENDING` placeholder (at most two, at the end of the output), so the
+plan sees the sequence's true length; the engine resolves each placeholder when its step's results arrive.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+
+# An output token still being sampled on the device (never a vocabulary id).
+PENDING = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Sequence:
     page_keys: list[bytes] = dataclasses.field(default_factory=list)
     # Prompt tokens served from the KV cache at first admission, by tier ("device", "host", "disk").
     cached_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    # PENDING placeholders at the end of output_token_ids.
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -106,8 +115,13 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        """Tokens generated so far."""
+        """Tokens generated so far, placeholders of tokens still being sampled included."""
         return len(self.output_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Leading tokens whose ids are known: all but the pending placeholders at the end."""
+        return self.num_tokens - self.num_pending
 
     @property
     def num_tokens(self) -> int:
@@ -142,3 +156,22 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         """Appends a sampled token; its KV is written by the next step that computes it."""
         self.output_token_ids.append(token_id)
+
+    def append_pending(self) -> int:
+        """Appends the placeholder of a token a dispatched step is sampling; returns its index in the output."""
+        self.output_token_ids.append(PENDING)
+        self.num_pending += 1
+        return len(self.output_token_ids) - 1
+
+    def resolve(self, index: int, token_id: int) -> None:
+        """Replaces the placeholder at output `index` with the token its step sampled."""
+        if self.output_token_ids[index] != PENDING:
+            raise ValueError(f"request {self.request_id!r}: output token {index} is not pending")
+        self.output_token_ids[index] = token_id
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """Forgets the tokens still being sampled (the sequence ended): their results will be discarded."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending:]
+            self.num_pending = 0

@@ -97,10 +97,10 @@ def test_closing_the_stream_early_frees_the_pages(server: BackgroundServer, runn
     gate, entered = threading.Event(), threading.Event()
     original_decode = runner.decode
 
-    def gated_decode(batch):  # noqa: ANN001, ANN202 (holds the engine after the first token)
+    def gated_decode(batch, *args):  # noqa: ANN001, ANN002, ANN202 (holds the engine after the first token)
         entered.set()
         assert gate.wait(TIMEOUT)
-        return original_decode(batch)
+        return original_decode(batch, *args)
 
     with Client(server.target) as client:
         list(client.generate("early", max_tokens=2))  # compiles this prompt's shapes first

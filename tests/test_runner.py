@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+from engine_harness import Collector, started_engine
 
 from jaxserve.config import load_config
+from jaxserve.engine import Request
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.runner import Runner, StepBatch, page_buckets
+from jaxserve.sequence import SamplingOptions
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, *range(40, 77)], [256, 9, 9, 9]]
 
@@ -75,7 +78,8 @@ def test_compile_count_stays_flat_after_warmup() -> None:
     runner.warmup()
     warm = runner.compile_count
     steps = len(runner.page_buckets) * (len(runner.decode_buckets) + len(runner.prefill_buckets))
-    assert warm == steps + 2 * len(runner.copy_buckets)  # page copies out of and into the pool, per bucket
+    feeds = len(runner.decode_buckets) ** 2  # decode tokens fed from one decode bucket to another
+    assert warm == steps + feeds + 2 * len(runner.copy_buckets)  # page copies out of and into the pool, per bucket
     rng = np.random.RandomState(0)
     for _ in range(50):
         rows = rng.randint(1, 9)
@@ -84,6 +88,15 @@ def test_compile_count_stays_flat_after_warmup() -> None:
                                      seed=int(rng.randint(1000))) for p in prompts]
         generate(runner, prompts, options)
         assert runner.compile_count == warm
+    # The engine's asynchronous steps (decode batches that grow and shrink, fed on the device) compile nothing more.
+    engine, got = started_engine(runner, "runner.max_seq_len=96"), Collector()
+    for i in range(50):
+        prompt = list(rng.randint(0, 256, rng.randint(1, 70)))
+        engine.submit(Request(str(i), prompt, SamplingOptions(max_tokens=int(rng.randint(1, 96 - len(prompt) + 1)),
+                                                              ignore_eos=True)), got.sink)
+    got.wait(50)
+    assert engine.shutdown(5)
+    assert runner.compile_count == warm
 
 
 def test_same_seed_gives_same_sample_whatever_the_batch() -> None:

@@ -74,10 +74,10 @@ class Gate:
         self._open = threading.Event()
         original = getattr(runner, method)
 
-        def gated(batch):  # noqa: ANN001, ANN202 (a StepBatch in, Sampled out)
+        def gated(batch, *args):  # noqa: ANN001, ANN002, ANN202 (a StepBatch, maybe a Feed, in; Sampled out)
             self.entered.set()
             assert self._open.wait(TIMEOUT), "the test never opened the gate"
-            return original(batch)
+            return original(batch, *args)
 
         monkeypatch.setattr(runner, method, gated)
 

@@ -166,7 +166,10 @@ class KVCache:
         """
         if not self.prefix_caching:
             return
-        first, last = start // self.page_size, seq.num_computed_tokens // self.page_size
+        # A page holding a token still being sampled (asynchronous scheduling) has no key yet: the engine commits
+        # it again once the token is known.
+        end = min(seq.num_computed_tokens, seq.num_known_tokens, len(seq.block_table) * self.page_size)
+        first, last = start // self.page_size, end // self.page_size
         if last > first:
             keys = self._keys(seq, last)
             self._pending += [(keys[i], seq.block_table[i]) for i in range(first, last)]
