@@ -454,9 +454,10 @@ class Engine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, self.cache, SequenceStatus.FINISHED_ERROR, str(e))
                 self._emit_final(t, "error", f"output processing failed: {type(e).__name__}: {e}")
-            if not seq.is_finished and seq.num_pending:
-                # The page this token completes could not be keyed while it was pending.
-                position = seq.num_prompt_tokens + index
+            position = seq.num_prompt_tokens + index
+            if not seq.is_finished and seq.num_computed_tokens > position:
+                # Its KV is already planned (the step after is running): the page it completes could not be keyed
+                # while it was pending.
                 self.cache.commit(seq, position - position % ps)
         self.cache.publish()
 
