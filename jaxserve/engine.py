@@ -402,6 +402,9 @@ class Engine:
                 calls.append((chunks, self.runner.decode(batch, feed)))
             else:
                 calls.append((chunks, self.runner.prefill(batch)))
+        for _, out in calls:  # the ids travel to the host while the next step is planned
+            for array in jax.tree.leaves(out):
+                array.copy_to_host_async()
         samples = [(c, i, row, c.seq.append_pending()) for i, (chunks, _) in enumerate(calls)
                    for row, c in enumerate(chunks) if c.samples and not c.seq.is_finished]
         decode_rows = {c.seq: row for row, c in enumerate(plan.decode)}
