@@ -83,8 +83,9 @@ class _Dispatched:
     calls: list[tuple[list[Chunk], Sampled]]
     # Each chunk that samples: (chunk, index of its call, row in that call, output index of its placeholder).
     samples: list[tuple[Chunk, int, int, int]]
-    # Row of each sequence in the decode call (calls[0]), for feeding the next decode step.
-    decode_rows: dict[Sequence, int]
+    # Where each sampling sequence's id is in the step's outputs, as `runner.Feed` indexes them: its row in the
+    # decode call (calls[0]), or the decode bucket plus its place among the prefill calls.
+    sources: dict[Sequence, int]
     completed: bool = False
 
 
@@ -376,18 +377,20 @@ class Engine:
         """Dispatches every runner call of the step without waiting for any result (None: not dispatched, because
         the previous step failed and took this one's requests with it).
 
-        Decode rows whose input token `previous` is still sampling take it from previous's decode output on the
-        device. If one comes from a prefill chunk instead, `previous` is completed first (after every batch is built:
-        completing can finish sequences and free their pages).
+        Decode rows whose input token `previous` is still sampling take it from previous's outputs on the device.
+        Where that cannot be done, `previous` is completed first (after every batch is built: completing can finish
+        sequences and free their pages).
         """
         batches = [(plan.decode, self._batch(plan.decode))] if plan.decode else []
         batches += [([chunk], self._batch([chunk])) for chunk in plan.prefill]
         feed = None
         if plan.decode and previous is not None:
             pending = [c.start >= c.seq.num_known_tokens for c in plan.decode]
-            rows = np.array([previous.decode_rows.get(c.seq, -1) if p else -1
+            rows = np.array([previous.sources.get(c.seq, -1) if p else -1
                              for c, p in zip(plan.decode, pending, strict=True)], np.int32)
-            if any(p and r < 0 for p, r in zip(pending, rows, strict=True)):
+            prefill = tuple(out.token for _, out in previous.calls[1 if previous.plan.decode else 0:])
+            if (any(p and r < 0 for p, r in zip(pending, rows, strict=True))
+                    or len(prefill) > self.config.runner.max_batch):
                 if not self._complete(previous, plan):
                     return None
                 tokens = batches[0][1].tokens
@@ -395,7 +398,8 @@ class Engine:
                     if pending[r] and c.start < c.seq.num_known_tokens:
                         tokens[r, 0] = c.seq.token_ids[c.start]
             elif (rows >= 0).any():
-                feed = Feed(previous.calls[0][1].token, rows)
+                decode = previous.calls[0][1].token if previous.plan.decode else None
+                feed = Feed(decode, rows, prefill)
         calls: list[tuple[list[Chunk], Sampled]] = []
         for i, (chunks, batch) in enumerate(batches):
             if i == 0 and plan.decode:
@@ -407,8 +411,11 @@ class Engine:
                 array.copy_to_host_async()
         samples = [(c, i, row, c.seq.append_pending()) for i, (chunks, _) in enumerate(calls)
                    for row, c in enumerate(chunks) if c.samples and not c.seq.is_finished]
-        decode_rows = {c.seq: row for row, c in enumerate(plan.decode)}
-        return _Dispatched(plan, calls, samples, decode_rows)
+        sources = {c.seq: row for row, c in enumerate(plan.decode)}
+        base = calls[0][1].token.shape[0] if plan.decode else self.runner.decode_buckets[0]
+        for j, chunk in enumerate(plan.prefill):
+            sources[chunk.seq] = base + j
+        return _Dispatched(plan, calls, samples, sources)
 
     def _complete(self, step: _Dispatched, dependent: StepPlan | None = None) -> bool:
         """Reads a dispatched step's sampled ids and processes them; False if the step failed, in which case the

@@ -67,15 +67,18 @@ class StepBatch:
 
 @dataclasses.dataclass(frozen=True)
 class Feed:
-    """Decode input tokens taken on the device from the previous decode step's output instead of from the host.
+    """Decode input tokens taken on the device from the previous step's outputs instead of from the host.
 
-    `tokens`: that step's sampled ids (`Sampled.token`, its rows bucket); `rows` [B]: for each row of this batch the
-    row of `tokens` holding its input token, or -1 to take `StepBatch.tokens`. Why: the next step can be dispatched
-    before the previous one's ids reach the host, so the host's work overlaps the device's (asynchronous scheduling).
+    `tokens`: the sampled ids of the previous step's decode call (`Sampled.token`, its rows bucket; None if it had
+    none); `prefill`: those of its prefill calls ([1] each, at most `runner.max_batch`); `rows` [B]: for each row of
+    this batch where its input token is, as an index into `tokens` followed by `prefill`, or -1 to take
+    `StepBatch.tokens`. Why: the next step can be dispatched before the previous one's ids reach the host, so the
+    host's work overlaps the device's (asynchronous scheduling).
     """
 
-    tokens: jax.Array
+    tokens: jax.Array | None
     rows: np.ndarray
+    prefill: tuple[jax.Array, ...] = ()
 
 
 def _bucket(value: int, buckets: tuple[int, ...], what: str) -> int:
@@ -186,6 +189,7 @@ class Runner:
         # Pages per copy, from 2 (same reason) to one sequence's block table; larger copies are split.
         self.copy_buckets = tuple(1 << i for i in range(1, max(1, math.ceil(math.log2(config.max_pages_per_seq))) + 1))
         self._compiled: dict[tuple[Any, ...], Any] = {}
+        self._no_ids_cache: dict[int, jax.Array] = {}
         self._lock = threading.Lock()
         self.compile_count = 0
 
@@ -320,19 +324,22 @@ class Runner:
         return exe
 
     def _feed_executable(self, previous: int, rows: int) -> Any:
-        """The gather of a `Feed`: [previous] ids, [rows] source rows (-1: host), [rows, 1] host ids -> [rows, 1]."""
+        """The gather of a `Feed`: ids [previous] of a decode call and runner.max_batch prefill ids [1], source
+        indices [rows] into their concatenation (-1: host), host ids [rows, 1] -> [rows, 1]."""
         key = ("feed", previous, rows)
         exe = self._compiled.get(key)
         if exe is not None:
             return exe
 
-        def gather(ids: jax.Array, src: jax.Array, host: jax.Array) -> jax.Array:
-            picked = ids[jnp.clip(src, 0, previous - 1)]
+        def gather(ids: jax.Array, prefill: list[jax.Array], src: jax.Array, host: jax.Array) -> jax.Array:
+            every = jnp.concatenate([ids, *prefill])
+            picked = every[jnp.clip(src, 0, every.shape[0] - 1)]
             return jnp.where(src >= 0, picked, host[:, 0])[:, None]
 
         rep = NamedSharding(self.mesh, PartitionSpec())
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rep)  # noqa: E731
-        exe = jax.jit(gather, out_shardings=rep).lower(i32(previous), i32(rows), i32(rows, 1)).compile()
+        exe = jax.jit(gather, out_shardings=rep).lower(
+            i32(previous), [i32(1)] * self.config.runner.max_batch, i32(rows), i32(rows, 1)).compile()
         self._compiled[key] = exe
         self.compile_count += 1
         return exe
@@ -461,11 +468,20 @@ class Runner:
             if feed is not None:
                 src = np.full(rows, -1, np.int32)
                 src[: len(feed.rows)] = feed.rows
-                tokens = self._feed_executable(feed.tokens.shape[0], rows)(feed.tokens, src, a[0])
+                ids = feed.tokens if feed.tokens is not None else self._no_ids(self.decode_buckets[0])
+                prefill = list(feed.prefill) + [self._no_ids(1)] * (self.config.runner.max_batch - len(feed.prefill))
+                tokens = self._feed_executable(ids.shape[0], rows)(ids, prefill, src, a[0])
             exe = self._executable(rows, length, pages, all_logits)
             out, self.kv = exe(self.params, self.kv, tokens, a[1], a[2], a[3], a[10], a[11], a[4],
                                SamplingParams(a[5], a[6], a[7], a[8], a[9]))
         return out
+
+    def _no_ids(self, size: int) -> jax.Array:
+        """Zero ids [size] on the mesh, standing in for a `Feed` slot the previous step did not fill."""
+        if size not in self._no_ids_cache:
+            self._no_ids_cache[size] = jax.device_put(np.zeros(size, np.int32),
+                                                      NamedSharding(self.mesh, PartitionSpec()))
+        return self._no_ids_cache[size]
 
     def prefill(self, batch: StepBatch) -> Sampled:
         """Writes a chunk of prompt tokens (any start position) into the pool and samples after each row's last.
@@ -476,12 +492,15 @@ class Runner:
 
     def decode(self, batch: StepBatch, feed: Feed | None = None) -> Sampled:
         """Appends one token per row and samples the next; returns device arrays like `prefill`. With `feed`, rows
-        take their input token from a previous decode step's output on the device (see `Feed`)."""
+        take their input token from a previous step's outputs on the device (see `Feed`)."""
         if batch.tokens.shape[1] != 1:
             raise ValueError(f"decode takes one token per row, got {batch.tokens.shape[1]}")
         if feed is not None and feed.rows.shape != (batch.num_rows,):
             raise ValueError(f"feed.rows must hold one source row per batch row ({batch.num_rows}), got shape "
                              f"{feed.rows.shape}")
+        if feed is not None and len(feed.prefill) > self.config.runner.max_batch:
+            raise ValueError(f"feed.prefill holds {len(feed.prefill)} arrays, more than runner.max_batch="
+                             f"{self.config.runner.max_batch}")
         return self._run(batch, decode=True, feed=feed)
 
     def logits(self, batch: StepBatch, decode: bool = False) -> np.ndarray:

@@ -69,14 +69,18 @@ class Gate:
     (`with serving(...) as srv, Gate(...) as gate:`) so that a failing test opens it before the server drains.
     """
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, runner: Runner, method: str) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, runner: Runner, method: str, passes: int = 0) -> None:
+        """`passes`: calls let through before the gate closes."""
         self.entered = threading.Event()
         self._open = threading.Event()
         original = getattr(runner, method)
+        calls = []
 
         def gated(batch, *args):  # noqa: ANN001, ANN002, ANN202 (a StepBatch, maybe a Feed, in; Sampled out)
-            self.entered.set()
-            assert self._open.wait(TIMEOUT), "the test never opened the gate"
+            calls.append(batch)
+            if len(calls) > passes:
+                self.entered.set()
+                assert self._open.wait(TIMEOUT), "the test never opened the gate"
             return original(batch, *args)
 
         monkeypatch.setattr(runner, method, gated)
@@ -298,10 +302,12 @@ def test_client_leaving_mid_stream_frees_its_pages(runner: Runner, monkeypatch: 
         stream(ch, text="bye", max_tokens=2)  # compiles this prompt's shapes, so only the gate holds the stream
         engine = srv.server.engine
         cancelled = spy_cancel(monkeypatch, engine)
-        with Gate(monkeypatch, runner, "decode") as gate:
+        # passes=1: the first decode step is dispatched before the prefill's token is read (asynchronous
+        # scheduling), so the gate holds the second.
+        with Gate(monkeypatch, runner, "decode", passes=1) as gate:
             call = jaxserve_pb2_grpc.JaxServeStub(ch).Generate(G(text="bye", max_tokens=16, ignore_eos=True),
                                                                timeout=TIMEOUT if how == "cancel" else 1.0)
-            assert len(next(call).token_ids) == 1  # the prefill's token; the engine now blocks in the first decode
+            assert len(next(call).token_ids) == 1  # the prefill's token; the engine now blocks in a decode step
             assert gate.entered.wait(TIMEOUT)
             if how == "cancel":
                 call.cancel()
@@ -325,7 +331,8 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
 
 
 def test_health_is_serving_then_not_serving_while_draining(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    with (serving(runner) as srv, Gate(monkeypatch, runner, "decode") as gate,
+    # passes=1: the first decode step is dispatched before the prefill's token is read (asynchronous scheduling).
+    with (serving(runner) as srv, Gate(monkeypatch, runner, "decode", passes=1) as gate,
           grpc.insecure_channel(srv.target) as ch):
         assert health_status(ch) == health_status(ch, "jaxserve.v1.JaxServe") == health_pb2.HealthCheckResponse.SERVING
         watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
@@ -355,7 +362,7 @@ def test_grace_period_running_out_cancels_what_is_left_and_exits_0(runner: Runne
     with serving(runner, "server.grace_period_s=0.2") as srv, grpc.insecure_channel(srv.target) as ch:
         stream(ch, text="slow", max_tokens=2)  # compiles this prompt's shapes first
         cancelled = spy_cancel(monkeypatch, srv.server.engine)
-        with Gate(monkeypatch, runner, "decode") as gate:
+        with Gate(monkeypatch, runner, "decode", passes=1) as gate:  # passes=1: as in the test above
             call = jaxserve_pb2_grpc.JaxServeStub(ch).Generate(G(text="slow", max_tokens=16, ignore_eos=True),
                                                                timeout=TIMEOUT)
             first = next(call)
