@@ -6,10 +6,10 @@ all sampled ids back in one device-to-host transfer, append tokens, check stops,
 
 Asynchronous scheduling (`engine.async_scheduling`, on by default) overlaps the host with the device: a step is
 planned and dispatched while the previous one still runs, and the previous step's ids are read only afterwards.
-Decode rows whose input token is still being sampled take it on the device from the previous decode step's output
-(`runner.Feed`); the sequence holds a `PENDING` placeholder meanwhile, so plans see its true length. What it costs:
-a sequence that stops is found one step late, so its row in the following step is computed and discarded (its
-pages are freed then). A row fed by a prefill chunk's token waits for that step's ids first, as without overlap.
+Decode rows whose input token is still being sampled take it on the device from the previous step's decode or
+prefill outputs (`runner.Feed`); the sequence holds a `PENDING` placeholder meanwhile, so plans see its true
+length. What it costs: a sequence that stops is found one step late, so its row in the following step is computed
+and discarded (its pages are freed then).
 Why: on a 2-core host the dispatch of a 110M-model step (~1.3 ms) and the bookkeeping around it are otherwise
 serial with the device; on an accelerator the device waits on the host every step.
 """
