@@ -75,10 +75,10 @@ def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array, num_
     top `num_logprobs` alternatives are computed only when some row's `params.logprobs` asks for them (zeros
     otherwise), since a top-k over the vocabulary costs as much as the rest of sampling.
 
-    `valid`: only ids below it can be drawn or reported (the rest are padding rows of the vocabulary). The padding
-    is masked only on the paths that read the whole distribution (drawing, top-N), not for greedy decoding.
+    `valid`: only ids below it can be drawn or reported (the rest are padding rows of the vocabulary).
     `row_stats(logits, valid)` -> (max, first id of the max, log-sum-exp of logits - max) per row, when given,
-    computes what greedy decoding and logprobs need in one pass (the CPU kernel, `kernels.logit_stats`).
+    computes what greedy decoding and logprobs need in one pass (the CPU kernel, `kernels.logit_stats`); the padding
+    is then masked only on the paths that read the whole distribution (drawing, top-N).
 
     Every pass over [B, V] here is a plain reduction: on XLA:CPU `argmax` and `log_softmax` followed by a gather run
     2-3x slower than the max, exp-sum and masked min they are rewritten into (6 -> ~2 ms at 32 x 32000).
