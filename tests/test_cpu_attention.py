@@ -54,9 +54,10 @@ def scattered_pools(rng: np.random.RandomState, keys: list[int], cols: int, kv_h
 
 
 def _problem(rng: np.random.RandomState, positions: list[int], kv_heads: int, groups: int, head_dim: int,
-             page_size: int) -> tuple[np.ndarray, ...]:
-    """Random q, pools and block table (see `scattered_pools`) for rows at `positions` (-1: padding, no keys)."""
-    k_pool, v_pool, table = scattered_pools(rng, [pos + 1 if pos >= 0 else 0 for pos in positions], COLS, kv_heads,
+             page_size: int, cols: int = COLS) -> tuple[np.ndarray, ...]:
+    """Random q, pools and a `cols`-column block table (see `scattered_pools`) for rows at `positions` (-1: padding,
+    no keys)."""
+    k_pool, v_pool, table = scattered_pools(rng, [pos + 1 if pos >= 0 else 0 for pos in positions], cols, kv_heads,
                                             head_dim, page_size)
     q = rng.randn(len(positions), 1, kv_heads, groups, head_dim).astype(np.float32)
     return q, k_pool, v_pool, table, np.asarray(positions, np.int32)[:, None]
@@ -110,6 +111,16 @@ def test_every_batch_size_matches_dense_attention(batch: int) -> None:
     positions = list(rng.randint(-1, (COLS - 1) * 16, batch))
     problem = _problem(rng, positions, 5, 2, 32, 16)
     np.testing.assert_allclose(_run(*problem, window=0), _reference(*problem, 0), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 300])
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_long_contexts_match_dense_attention(head_dim: int, window: int) -> None:
+    """Contexts of up to 44 pages, past the 5 of the tests above: rows ending on both sides of 256-key boundaries,
+    windows starting inside a page, vectorised and scalar head dims."""
+    positions = [255, 256, 511, 512, 700, -1, 3]
+    problem = _problem(np.random.RandomState(head_dim + window), positions, 3, 2, head_dim, 16, cols=48)
+    np.testing.assert_allclose(_run(*problem, window=window), _reference(*problem, window), atol=2e-5, rtol=1e-5)
 
 
 def test_padding_row_gives_zeros() -> None:
