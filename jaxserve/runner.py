@@ -303,6 +303,11 @@ class Runner:
         return sample(logits, sampling, next_pos, self.config.runner.max_logprobs, self.sampled_vocab,
                       logit_stats if self.cpu_kernels else None), kv
 
+    def hlo_texts(self) -> list[str]:
+        """The optimised HLO of every executable compiled so far. Why: a profile names the XLA ops it timed
+        (`ffi_call.67`); this text says which layer part each one is (see jaxserve.bench.profile)."""
+        return [exe.as_text() for exe in self._compiled.values()]
+
     # ----- compilation -----
 
     def _executable(self, rows: int, length: int, pages: int, all_logits: bool) -> Any:
