@@ -35,8 +35,9 @@ class Region:
 def op_labels(hlo_texts: Iterable[str]) -> dict[tuple[str, str], str]:
     """(module, op) -> label for every op with `op_name` metadata in these HLO modules.
 
-    The label is the op_name without its leading `jit(...)/` frame, so the same layer part in every layer gets the
-    same label; a custom call's target follows in brackets.
+    The label is the op_name without its `jit(...)/` frames (a fusion's op_name joins its parts' with `;`, each
+    with its own), so the same layer part in every layer gets the same label; a custom call's target follows in
+    brackets.
     """
     labels: dict[tuple[str, str], str] = {}
     for text in hlo_texts:
@@ -71,7 +72,8 @@ def regions(events: Iterable[Mapping[str, Any]], labels: Mapping[tuple[str, str]
     """(ms per run, regions by time, largest first) of `module`'s runs in the trace.
 
     A run is one execution (`run_id`); its time is from its first op's start to its last op's end. Ops the HLO
-    does not label are grouped by their name without the numeric suffix.
+    does not label are grouped by their name without the numeric suffix. An op inside a control-flow op (`cond`,
+    `while`) is timed in both, so such regions overlap.
     """
     per_label: dict[str, float] = collections.defaultdict(float)
     count: dict[str, int] = collections.Counter()
