@@ -124,13 +124,17 @@ class Projection(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
-        """`live` (see `live_tokens`) lets the packed kernel skip padding rows; the XLA product ignores it."""
+    def __call__(self, x: jax.Array, live: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
+        """`live` (see `live_tokens`) lets the packed kernel skip padding rows; the XLA product ignores it.
+        `residual` (shaped like the output) is added to it, inside the packed kernel's call when packed."""
         n_in = len(self.in_shape)
         if self.has_variable("params", "packed"):
             lead = x.shape[:x.ndim - n_in]
-            y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.get_variable("params", "packed"),
-                              math.prod(self.out_shape), live).reshape(*lead, *self.out_shape)
+            n = math.prod(self.out_shape)
+            y = packed_matmul(x.reshape(*lead, math.prod(self.in_shape)), self.get_variable("params", "packed"), n,
+                              live, residual=None if residual is None else residual.reshape(*lead, n)
+                              ).reshape(*lead, *self.out_shape)
+            residual = None
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                        self.in_axes + self.out_axes),
@@ -143,6 +147,8 @@ class Projection(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.out_axes),
                               self.out_shape, self.param_dtype)
             y = y + bias.astype(jnp.float32)
+        if residual is not None:
+            y = y + residual.astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -159,6 +165,19 @@ class StepInputs:
     block_table: jax.Array
     cos: jax.Array
     sin: jax.Array
+
+
+@struct.dataclass
+class FusedBlock:
+    """Ops around a block that its packed CPU kernels do inside their calls. Why: each is an XLA op of ~10 us on
+    [B, D] between kernel calls of ~100-400 us in a decode step.
+
+    norm_scale: the block's RMSNorm scale, applied by the first projection's call to the block's raw input;
+    residual: the block's input, added by its last projection's call (None: the caller adds it after the all-reduce).
+    """
+
+    norm_scale: jax.Array
+    residual: jax.Array | None
 
 
 def live_tokens(positions: jax.Array) -> jax.Array:
@@ -180,8 +199,10 @@ class Attention(nn.Module):
     cpu_kernels: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs, live: jax.Array
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs, live: jax.Array,
+                 fused: FusedBlock | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`fused` (packed q/k/v only): x is the block's input before its norm, and the output includes the
+        residual when `fused.residual` is set (see `FusedBlock`)."""
         cfg, loc = self.cfg, self.local
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -191,7 +212,7 @@ class Attention(nn.Module):
                               name=name)(x, live)
 
         if self.has_variable("params", "qkv_proj"):
-            q, k, v = self._fused_qkv(x, live)
+            q, k, v = self._fused_qkv(x, live, fused)
         else:
             q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
             k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
@@ -206,14 +227,16 @@ class Attention(nn.Module):
                               step.positions, cfg.sliding_window, self.cpu_kernels)
         out = out.reshape(b, t, loc.num_heads, hd)
         y = Projection((loc.num_heads, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype,
-                       name="o_proj")(out, live)
+                       name="o_proj")(out, live, None if fused is None else fused.residual)
         return y, (k_pool, v_pool)
 
-    def _fused_qkv(self, x: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _fused_qkv(self, x: jax.Array, live: jax.Array, fused: FusedBlock | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k, v from the packed `qkv_proj` (see `pack_projections`) in one CPU matmul call, plus any biases."""
         loc, hd = self.local, self.cfg.head_dim
         heads = (loc.num_heads, loc.num_kv_heads, loc.num_kv_heads)
-        y = packed_matmul(x, self.get_variable("params", "qkv_proj")["packed"], sum(heads) * hd, live)
+        y = packed_matmul(x, self.get_variable("params", "qkv_proj")["packed"], sum(heads) * hd, live,
+                          norm_scale=None if fused is None else fused.norm_scale, eps=self.cfg.rms_norm_eps)
         parts = jnp.split(y, np.cumsum(heads[:-1]) * hd, axis=-1)
         out = []
         for name, h, part in zip(("q_proj", "k_proj", "v_proj"), heads, parts, strict=True):
@@ -231,14 +254,17 @@ class MLP(nn.Module):
     local: LocalShapes
 
     @nn.compact
-    def __call__(self, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, live: jax.Array | None = None, fused: FusedBlock | None = None
+                 ) -> jax.Array:
+        """`fused`: as for `Attention`, with the packed gate/up."""
         cfg = self.cfg
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         f = self.local.intermediate_size
         if self.has_variable("params", "gate_up_proj"):  # packed by `pack_projections`: SwiGLU in the kernel
-            h = packed_matmul(x, self.get_variable("params", "gate_up_proj")["packed"], f, live, swiglu=True)
+            h = packed_matmul(x, self.get_variable("params", "gate_up_proj")["packed"], f, live, swiglu=True,
+                              norm_scale=None if fused is None else fused.norm_scale, eps=cfg.rms_norm_eps)
             return Projection((f,), (cfg.hidden_size,), ("mlp",), ("embed",), False, dtype, pdtype,
-                              name="down_proj")(h, live)
+                              name="down_proj")(h, live, None if fused is None else fused.residual)
         gate = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype,
                           name="gate_proj")(x, live)
         up = Projection((cfg.hidden_size,), (f,), ("embed",), ("mlp",), False, dtype, pdtype, name="up_proj")(x, live)
@@ -263,13 +289,24 @@ class DecoderLayer(nn.Module):
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         live = live_tokens(step.positions)
         with jax.named_scope("attention"):
-            h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
-            h, kv = Attention(cfg, self.local, self.cpu_kernels, name="attn")(h, kv, step, live)
-            x = x + self._all_reduce(h)
+            fused = self._fused("input_norm", "attn", "qkv_proj", x)
+            h = x if fused is not None else RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
+            h, kv = Attention(cfg, self.local, self.cpu_kernels, name="attn")(h, kv, step, live, fused)
+            x = h if fused is not None and fused.residual is not None else x + self._all_reduce(h)
         with jax.named_scope("mlp"):
-            h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
-            x = x + self._all_reduce(MLP(cfg, self.local, name="mlp")(h, live))
+            fused = self._fused("post_attention_norm", "mlp", "gate_up_proj", x)
+            h = x if fused is not None else RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
+            h = MLP(cfg, self.local, name="mlp")(h, live, fused)
+            x = h if fused is not None and fused.residual is not None else x + self._all_reduce(h)
         return x, kv
+
+    def _fused(self, norm: str, block: str, packed: str, x: jax.Array) -> FusedBlock | None:
+        """What the block's packed kernels take over when its first projection is packed (`pack_projections`):
+        the norm, and the residual add unless an all-reduce must come between the product and the add."""
+        params = self.variables.get("params", {})
+        if packed not in params.get(block, {}):
+            return None
+        return FusedBlock(params[norm]["scale"], x if self.tensor_axis is None else None)
 
     def _all_reduce(self, partial: jax.Array) -> jax.Array:
         if self.tensor_axis is None:
@@ -414,13 +451,14 @@ def lm_logits(params: Params, cfg: ModelConfig, h: jax.Array, vocab_axis: str | 
     `live`: rows of h (flattened) past it are padding; the packed head leaves their logits zero.
     """
     dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
-    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, h)
     if "packed" in params.get("lm_head", {}):
         packed = params["lm_head"]["packed"]  # [panels, D, TILE] of this device's vocabulary slice
-        logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0], live)  # this device's vocab
+        logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0], live,  # this device's vocab
+                               norm_scale=params["final_norm"]["scale"], eps=cfg.rms_norm_eps)
         if vocab_axis is None:
             return logits
         return jax.lax.all_gather(logits, vocab_axis, axis=logits.ndim - 1, tiled=True)
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, h)
     if cfg.tie_embeddings:
         kernel = params["embed"]["embedding"].T  # [D, V / tensor]
     else:

@@ -61,6 +61,52 @@ def test_swiglu_matmul_equals_silu_of_gate_times_up_in_float64(rows: int, k: int
     assert not got[live:].any()
 
 
+def _rms_norm64(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+@pytest.mark.parametrize(("k", "n", "swiglu"), [(64, 48, False), (768, 130, False), (33, 100, True), (96, 50, True)])
+def test_packed_matmul_with_norm_and_residual_equals_the_float64_block(rows: int, k: int, n: int,
+                                                                       swiglu: bool) -> None:
+    """RMSNorm folded in front and a residual added behind: padding rows come back as their residual rows."""
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = 3.0 * rng.standard_normal((rows, k), np.float32)
+    scale = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    gate, up = rng.standard_normal((k, n), np.float32), rng.standard_normal((k, n), np.float32)
+    residual = rng.standard_normal((rows, n), np.float32)
+    live = max(rows - 2, 1)
+    packed = pack_swiglu(jnp.asarray(gate), jnp.asarray(up)) if swiglu else pack(jnp.asarray(gate))
+
+    def run(norm: bool, add: bool) -> np.ndarray:
+        return np.asarray(jax.jit(lambda *a: packed_matmul(
+            a[0], a[1], n, a[2], swiglu, a[3] if norm else None, 1e-5, a[4] if add else None))(
+                jnp.asarray(x), packed, jnp.int32(live), jnp.asarray(scale), jnp.asarray(residual)))
+
+    h = _rms_norm64(x[:live], scale, 1e-5)
+    g = h @ gate
+    prod = g / (1 + np.exp(-g)) * (h @ up) if swiglu else g
+    tol = 1e-5 * np.abs(prod).max()
+    both, norm_only, add_only = run(True, True), run(True, False), run(False, True)
+    np.testing.assert_allclose(both[:live], prod + residual[:live], rtol=1e-5, atol=tol)
+    np.testing.assert_array_equal(both[live:], residual[live:])
+    np.testing.assert_allclose(norm_only[:live], prod, rtol=1e-5, atol=tol)
+    assert not norm_only[live:].any()
+    plain = x[:live].astype(np.float64) @ gate
+    plain = plain / (1 + np.exp(-plain)) * (x[:live].astype(np.float64) @ up) if swiglu else plain
+    np.testing.assert_allclose(add_only[:live], plain + residual[:live], rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    np.testing.assert_array_equal(add_only[live:], residual[live:])
+
+
+def test_packed_matmul_refuses_a_norm_scale_or_residual_of_the_wrong_shape() -> None:
+    packed, x = pack(jnp.ones((8, 96), jnp.float32)), jnp.ones((2, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"norm_scale has shape \(7,\), expected \(8,\)"):
+        packed_matmul(x, packed, 96, norm_scale=jnp.ones((7,)))
+    with pytest.raises(ValueError, match=r"residual has shape \(2, 95\), expected \(2, 96\)"):
+        packed_matmul(x, packed, 96, residual=jnp.ones((2, 95)))
+
+
 def test_pack_swiglu_interleaves_gate_and_up_panels() -> None:
     gate, up = (np.arange(4 * 70, dtype=np.float32).reshape(4, 70) + b for b in (0, 1000))
     packed = np.asarray(pack_swiglu(jnp.asarray(gate), jnp.asarray(up)))

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TILE = 48
 
@@ -31,19 +32,31 @@ def pack_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | None = None,
-                  swiglu: bool = False) -> jax.Array:
+                  swiglu: bool = False, norm_scale: jax.Array | None = None, eps: float = 0.0,
+                  residual: jax.Array | None = None) -> jax.Array:
     """x [..., K] float32 @ the packed weight -> [..., n] float32, on the CPU kernel.
 
     `live` (an int32 scalar), when given, says only the first `live` rows of x flattened over its leading dims are
-    real: the rest are bucket padding, skipped by the kernel and returned as zeros. `swiglu`: `packed` comes from
-    `pack_swiglu` and the result is silu(x @ gate) * (x @ up).
+    real: the rest are bucket padding, skipped by the kernel and returned as zeros (as their `residual` rows when
+    one is given). `swiglu`: `packed` comes from `pack_swiglu` and the result is silu(x @ gate) * (x @ up).
+    `norm_scale` [K]: x is first RMS-normalized (x * rsqrt(mean(x**2) + eps) * norm_scale, in float32).
+    `residual` [..., n]: added to the product. Both fold into the call what would otherwise be XLA ops of their own
+    between two kernel calls.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     panels = packed.shape[0] // (2 if swiglu else 1)
     if not (panels - 1) * TILE < n <= panels * TILE:
         raise ValueError(f"packed_matmul: n={n} does not fit {panels} panels of {TILE} columns")
+    if norm_scale is not None and norm_scale.shape != (k,):
+        raise ValueError(f"packed_matmul: norm_scale has shape {norm_scale.shape}, expected ({k},)")
+    if residual is not None and residual.shape != (*lead, n):
+        raise ValueError(f"packed_matmul: residual has shape {residual.shape}, expected {(*lead, n)}")
     live = jnp.full((), rows, jnp.int32) if live is None else jnp.asarray(live, jnp.int32).reshape(())
+    absent = jnp.zeros((0,), jnp.float32)
+    scale = absent if norm_scale is None else norm_scale.astype(jnp.float32)
+    res = absent if residual is None else residual.reshape(rows, n).astype(jnp.float32)
     call = jax.ffi.ffi_call("jaxserve_packed_matmul", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    y = call(x.reshape(rows, k).astype(jnp.float32), packed, live, swiglu=swiglu)
+    y = call(x.reshape(rows, k).astype(jnp.float32), packed, live, scale, res, swiglu=swiglu,
+             eps=np.float32(eps))
     return y.reshape(*lead, n)

@@ -6,7 +6,9 @@
 // them at 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of
 // kRows rows, so prefill chunks stream the weights once too.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -74,15 +76,39 @@ inline void swiglu(const float* gate, const float* up, float* out) {
   }
 }
 
+// x * rsqrt(mean(x**2) + eps) * scale for each of x's first `rows` rows [rows, k], into out: the RMSNorm that
+// precedes a block's first projection, done here so that it is not an XLA op of its own between two kernel calls.
+void rms_norm(const float* x, int64_t rows, int64_t k, const float* scale, float eps, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k;
+    vfloat part[4] = {};
+    int64_t i = 0;
+    for (; i + 4 * kLanes <= k; i += 4 * kLanes)
+      for (int j = 0; j < 4; ++j) part[j] += load(xr + i + j * kLanes) * load(xr + i + j * kLanes);
+    const vfloat lanes = (part[0] + part[1]) + (part[2] + part[3]);
+    float sum = 0.0f;
+    for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+    for (; i < k; ++i) sum += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+    for (int64_t i = 0; i < k; ++i) out[r * k + i] = xr[i] * inv * scale[i];
+  }
+}
+
 // Only the first `live` rows of x are multiplied; the rest are padding (a decode batch or prefill chunk rounded up
-// to its compiled bucket) and get zeros, so padding costs no arithmetic.
+// to its compiled bucket) and get zeros (or their residual rows), so padding costs no arithmetic.
 //
 // y holds exactly the logical N columns (the last panel's zero padding is never stored), so no slice follows the
 // call. With `swiglu`, w holds gate and up panels interleaved (gate panel p at 2p, up panel p at 2p + 1) and y is
 // silu(x @ gate) * (x @ up): the MLP's two input projections in one pass over contiguous memory, without writing
 // either product out.
+//
+// Two optional operands, each absent when empty, fold the XLA ops around a block's projections into the call (each
+// such op costs a thunk of ~10 us in a decode step whose kernels take ~100-400 us): `norm_scale` [K] makes x the
+// RMSNorm of x with that scale and `eps`; `residual` [M, N] is added to y.
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y, bool swiglu_pairs) {
+                        ffi::Buffer<ffi::S32> live, ffi::Buffer<ffi::F32> norm_scale,
+                        ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y, bool swiglu_pairs,
+                        float eps) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K], w [panels, K, kTile], y [M, N]");
@@ -93,9 +119,21 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (wd[1] != k || wd[2] != kTile || yd[0] != m || n > out_panels * kTile || n <= (out_panels - 1) * kTile)
     return ffi::Error::InvalidArgument("packed_matmul: shapes of x, w and y disagree");
   if (live.element_count() != 1) return ffi::Error::InvalidArgument("packed_matmul: live must hold one row count");
+  const bool norm = norm_scale.element_count() != 0, add = residual.element_count() != 0;
+  if (norm && norm_scale.element_count() != k)
+    return ffi::Error::InvalidArgument("packed_matmul: norm_scale must hold K values");
+  if (add && (residual.dimensions().size() != 2 || residual.dimensions()[0] != m || residual.dimensions()[1] != n))
+    return ffi::Error::InvalidArgument("packed_matmul: residual must be [M, N]");
   const int64_t rows_live = std::clamp<int64_t>(live.typed_data()[0], 0, m);
+  std::vector<float> normed;
   const float* xp = x.typed_data();
+  if (norm) {
+    normed.resize(rows_live * k);
+    rms_norm(xp, rows_live, k, norm_scale.typed_data(), eps, normed.data());
+    xp = normed.data();
+  }
   const float* wp = w.typed_data();
+  const float* rp = add ? residual.typed_data() : nullptr;
   float* yp = y->typed_data();
   const int64_t chunks = std::min<int64_t>(out_panels, std::max<int64_t>(pool.num_threads(), 1));
   parallel_for(pool, chunks, [&](int64_t c) {
@@ -110,17 +148,27 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
           panel_tail<kRows>(rows, xp + r * k, k, panel, gate[0], kTile);
           panel_tail<kRows>(rows, xp + r * k, k, panel + k * kTile, prod[0], kTile);
           for (int i = 0; i < rows; ++i) swiglu(gate[i], prod[i], prod[i]);
-        } else if (cols == kTile) {
+        } else if (cols == kTile && !add) {
           panel_tail<kRows>(rows, xp + r * k, k, panel, out, n);
           continue;
         } else {
           panel_tail<kRows>(rows, xp + r * k, k, panel, prod[0], kTile);
         }
-        for (int i = 0; i < rows; ++i) std::copy(prod[i], prod[i] + cols, out + i * n);
+        for (int i = 0; i < rows; ++i) {
+          if (add) {
+            const float* res = rp + (r + i) * n + p * kTile;
+            for (int64_t j = 0; j < cols; ++j) out[i * n + j] = res[j] + prod[i][j];
+          } else {
+            std::copy(prod[i], prod[i] + cols, out + i * n);
+          }
+        }
       }
     }
   });
-  std::fill(yp + rows_live * n, yp + m * n, 0.0f);
+  if (add)
+    std::copy(rp + rows_live * n, rp + m * n, yp + rows_live * n);
+  else
+    std::fill(yp + rows_live * n, yp + m * n, 0.0f);
   return ffi::Error::Success();
 }
 
@@ -133,5 +181,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, jaxserve::PackedMatmul,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // live rows
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // norm_scale [K], or empty
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // residual [M, N], or empty
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Attr<bool>("swiglu"));
+                                  .Attr<bool>("swiglu")
+                                  .Attr<float>("eps"));
