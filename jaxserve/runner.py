@@ -257,7 +257,6 @@ class Runner:
         vocab_axis = mesh_axis("vocab") if mesh_cfg.tensor > 1 else None
         stage_axis = mesh_axis("layers") if mesh_cfg.pipeline > 1 else None
         layers = [jax.tree.map(lambda a: a[0], layer) for layer in params["layers"]]  # drop the stage axis
-        kv = [(k[0], v[0]) for k, v in kv]
         x = llama.embed_tokens(params["embed"]["embedding"], tokens, llama.DTYPE[cfg.dtype], vocab_axis)
 
         micro = mesh_cfg.num_microbatches if mesh_cfg.pipeline > 1 else 1
@@ -270,7 +269,7 @@ class Runner:
             return layer.apply({"params": layers[j]}, h, kv_j, s)
 
         hidden, kv = run_stages(layer_fn, kv, split(x), steps, mesh_cfg.pipeline, stage_axis)
-        return merge(hidden), [(k[None], v[None]) for k, v in kv]
+        return merge(hidden), kv
 
     def _step(self, params: Params, kv: KVPool, tokens: jax.Array, positions: jax.Array, slots: jax.Array,
               block_table: jax.Array, cos: jax.Array, sin: jax.Array, last_index: jax.Array,

@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from jaxserve.config import ModelConfig
+from jaxserve.kernels.attention import paged_decode_attention_write
 from jaxserve.kernels.matmul import packed_matmul
 from models.attention import paged_attention, write_kv
 
@@ -201,8 +202,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInputs, live: jax.Array,
                  fused: FusedBlock | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`fused` (packed q/k/v only): x is the block's input before its norm, and the output includes the
-        residual when `fused.residual` is set (see `FusedBlock`)."""
+        """kv: this layer's pools [num_pages, Hkv, page_size, D], optionally with a leading axis of 1 (the runner's
+        stage axis), returned in the same shape. `fused` (packed q/k/v only): x is the block's input before its
+        norm, and the output includes the residual when `fused.residual` is set (see `FusedBlock`)."""
         cfg, loc = self.cfg, self.local
         dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -217,14 +219,21 @@ class Attention(nn.Module):
             q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
             k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
             v = proj("v_proj", loc.num_kv_heads, "kv_heads")
-        q = apply_rope(q, step.cos, step.sin)
-        k = apply_rope(k, step.cos, step.sin)
-        k_pool = write_kv(kv[0], k, step.slots)
-        v_pool = write_kv(kv[1], v, step.slots)
         b, t = x.shape[:2]
         groups = loc.num_heads // loc.num_kv_heads
-        out = paged_attention(q.reshape(b, t, loc.num_kv_heads, groups, hd), k_pool, v_pool, step.block_table,
-                              step.positions, cfg.sliding_window, self.cpu_kernels)
+        if self.cpu_kernels and t == 1:  # RoPE and the pool writes inside the attention kernel's call
+            out, k_pool, v_pool = paged_decode_attention_write(
+                q.reshape(b, t, loc.num_kv_heads, groups, hd), k, v, step.cos, step.sin, kv[0], kv[1],
+                step.block_table, step.positions, step.slots, cfg.sliding_window)
+        else:
+            lead = kv[0].shape[:-4]  # the runner's stage axis of 1, if the pools carry it
+            q = apply_rope(q, step.cos, step.sin)
+            k = apply_rope(k, step.cos, step.sin)
+            k_pool = write_kv(kv[0].reshape(kv[0].shape[-4:]), k, step.slots)
+            v_pool = write_kv(kv[1].reshape(kv[1].shape[-4:]), v, step.slots)
+            out = paged_attention(q.reshape(b, t, loc.num_kv_heads, groups, hd), k_pool, v_pool, step.block_table,
+                                  step.positions, cfg.sliding_window, self.cpu_kernels)
+            k_pool, v_pool = k_pool.reshape(*lead, *k_pool.shape), v_pool.reshape(*lead, *v_pool.shape)
         out = out.reshape(b, t, loc.num_heads, hd)
         y = Projection((loc.num_heads, hd), (d,), ("heads", "head_dim"), ("embed",), False, dtype, pdtype,
                        name="o_proj")(out, live, None if fused is None else fused.residual)

@@ -16,7 +16,7 @@ from jaxserve.kernels import build
 if not build.available():
     pytest.skip(f"CPU kernels unavailable: {build.unavailable_reason()}", allow_module_level=True)
 
-from jaxserve.kernels.attention import paged_decode_attention  # noqa: E402
+from jaxserve.kernels.attention import paged_decode_attention, paged_decode_attention_write  # noqa: E402
 from models import attention  # noqa: E402
 
 COLS = 6  # block-table columns; every row below needs at most COLS - 1, so the last column is always unused
@@ -188,3 +188,79 @@ def test_the_kernels_themselves_reject_operands_that_do_not_fit(target: str, q_s
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(call(q, k_pool, v_pool, table, positions, sliding_window=np.int32(0)))
+
+
+def _rope_tables(rng: np.random.RandomState, batch: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    angles = rng.uniform(0, 2 * np.pi, (batch, 1, head_dim // 2))
+    return (np.concatenate([np.cos(angles)] * 2, -1).astype(np.float32),
+            np.concatenate([np.sin(angles)] * 2, -1).astype(np.float32))
+
+
+def _write_problem(seed: int, positions: list[int], kv_heads: int, groups: int, head_dim: int, page_size: int
+                   ) -> tuple[np.ndarray, ...]:
+    """A decode step whose new keys and values are not in the pools: each real row's slot is its position in its
+    own pages (holding garbage until written); padding rows point at a trash slot on a page no row reads."""
+    rng = np.random.RandomState(seed)
+    q, k_pool, v_pool, table, pos = _problem(rng, positions, kv_heads, groups, head_dim, page_size)
+    read = {int(table[r, c]) for r, p in enumerate(positions) for c in range(p // page_size + 1) if p >= 0}
+    trash = min(set(range(k_pool.shape[0])) - read) * page_size
+    slots = np.asarray([[table[r, p // page_size] * page_size + p % page_size if p >= 0 else trash]
+                        for r, p in enumerate(positions)], np.int32)
+    for r, p in enumerate(positions):  # the new key's slot: garbage, as in a pool the step has not written yet
+        if p >= 0:
+            k_pool[slots[r, 0] // page_size, :, slots[r, 0] % page_size] = GARBAGE
+            v_pool[slots[r, 0] // page_size, :, slots[r, 0] % page_size] = GARBAGE
+    k_new, v_new = (rng.randn(len(positions), 1, kv_heads, head_dim).astype(np.float32) for _ in range(2))
+    cos, sin = _rope_tables(rng, len(positions), head_dim)
+    return q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots
+
+
+@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize(("kv_heads", "groups", "head_dim", "page_size"), [(2, 1, 16, 4), (3, 4, 64, 16),
+                                                                        (12, 1, 64, 16), (5, 2, 24, 8)])
+def test_decode_write_equals_rope_scatter_then_attention(kv_heads: int, groups: int, head_dim: int, page_size: int,
+                                                         window: int) -> None:
+    """The fused call against the XLA path it replaces (apply_rope, write_kv into both pools, decode attention):
+    the same output, and the same pools at every slot but the trash slot padding rows would have written."""
+    from models.llama import apply_rope
+
+    positions = [-1, 0, page_size - 1, page_size, 3 * page_size + 1, -1, 2 * page_size + 2]
+    q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots = _write_problem(
+        kv_heads * 100 + head_dim + window, positions, kv_heads, groups, head_dim, page_size)
+    b = len(positions)
+
+    def xla_path(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots):
+        qr = apply_rope(q.reshape(b, 1, kv_heads * groups, head_dim), cos, sin).reshape(q.shape)
+        k_pool = attention.write_kv(k_pool, apply_rope(k_new, cos, sin), slots)
+        v_pool = attention.write_kv(v_pool, v_new, slots)
+        return paged_decode_attention(qr, k_pool, v_pool, table, pos, window), k_pool, v_pool
+
+    args = tuple(map(jnp.asarray, (q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots)))
+    want = jax.jit(xla_path)(*args)
+    got = jax.jit(lambda *a: paged_decode_attention_write(*a, window), donate_argnums=(5, 6))(*args)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5, rtol=1e-5)
+    real = np.asarray(positions) >= 0
+    assert np.all(np.asarray(got[0])[~real] == 0)
+    trash = slots[~real][0, 0]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        g, w = np.array(g), np.array(w)
+        # the trash slot: where XLA wrote the padding rows; the kernel writes nothing for them
+        w[trash // page_size, :, trash % page_size] = g[trash // page_size, :, trash % page_size]
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_write_refuses_a_slot_outside_the_pools_and_bad_shapes() -> None:
+    q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots = map(
+        jnp.asarray, _write_problem(5, [3, -1, 9], 2, 1, 16, 4))
+    with pytest.raises(Exception, match=r"slots\[2\] = 1000000 is outside \[0, "):
+        jax.block_until_ready(paged_decode_attention_write(
+            q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots.at[2, 0].set(1_000_000)))
+    # a padding row's slot is never written, so any value is accepted there
+    jax.block_until_ready(paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos,
+                                                       slots.at[1, 0].set(-5)))
+    with pytest.raises(ValueError, match=r"k_new must be \[B, 1, Hkv, D\]"):
+        paged_decode_attention_write(q, k_new[:, :, :1], v_new, cos, sin, k_pool, v_pool, table, pos, slots)
+    with pytest.raises(ValueError, match=r"cos must be \[B, 1, D\]"):
+        paged_decode_attention_write(q, k_new, v_new, cos[..., :8], sin, k_pool, v_pool, table, pos, slots)
+    with pytest.raises(ValueError, match=r"slots must be \[B=3, 1\]"):
+        paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots[:, 0])

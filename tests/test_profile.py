@@ -70,7 +70,7 @@ def test_a_traced_decode_step_is_split_into_the_models_regions(tmp_path) -> None
     assert sum(r.ms for r in found) <= step_ms * 1.01  # ops of one run do not overlap on its thread
     assert sum(r.ms for r in found) >= step_ms * 0.5  # the labelled ops, not the gaps between them, hold the time
     by_label = {r.label: r for r in found}
-    attention = by_label.get("DecoderLayer/attention/attn/ffi_call [jaxserve_paged_decode_attention]")
+    attention = by_label.get("DecoderLayer/attention/attn/ffi_call [jaxserve_paged_decode_attention_write]")
     if runner.cpu_kernels:
         assert attention is not None and attention.ops == config.model.num_layers  # one call per layer per step
     assert any(label.startswith("DecoderLayer/mlp/") for label in by_label)

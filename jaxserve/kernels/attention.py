@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _call(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
-          positions: jax.Array, sliding_window: int) -> jax.Array:
-    """Validates what both kernels share (q [B, T, Hkv, G, D], rank checked by the caller) and calls `target`."""
+def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array, positions: jax.Array,
+           sliding_window: int) -> None:
+    """Validates what every attention kernel takes (q [B, T, Hkv, G, D], rank checked by the caller)."""
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
                          f"{v_pool.shape}")
@@ -30,6 +30,12 @@ def _call(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block
         raise ValueError(f"positions must be [B={b}, {t}], got shape {positions.shape}")
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+
+
+def _call(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
+          positions: jax.Array, sliding_window: int) -> jax.Array:
+    """Validates the operands and calls `target`, a decode or prefill attention kernel."""
+    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
                sliding_window=np.int32(sliding_window))
@@ -59,6 +65,60 @@ def paged_decode_attention(
     if q.ndim != 5 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
     return _call("jaxserve_paged_decode_attention", q, k_pool, v_pool, block_table, positions, sliding_window)
+
+
+def paged_decode_attention_write(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    block_table: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    sliding_window: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`paged_decode_attention` for a step whose keys and values are not in the pools yet, in one call.
+
+    q: [B, 1, Hkv, G, D] and k_new, v_new: [B, 1, Hkv, D] as the projections give them, before RoPE; cos, sin:
+    [B, 1, D] RoPE tables (half-split convention, as `models.llama.apply_rope`); slots: [B, 1] flat pool slot
+    (page * page_size + offset) of each row's new key. The call applies RoPE to q and k_new, writes k_new and v_new
+    at their slots (padding rows, position -1, write nothing) and attends. Returns (out, k_pool, v_pool): the
+    pools updated in place (aliased), as XLA's scatter into a donated pool would leave them. A slot outside the
+    pools for a real row fails the call (InvalidArgument), like a bad page id.
+
+    The pools may also be [1, num_pages, Hkv, page_size, D], the runner's per-device pools with their stage axis,
+    and come back so. Why: given a squeeze of a donated pool, XLA copies the whole pool before an in-place call
+    (a 1.1 s bench-110m step instead of ~30 ms), where it updates the pool itself in place for a scatter.
+    """
+    if q.ndim != 5 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
+    b, _, h, _, d = q.shape
+    for name, a in (("k_new", k_new), ("v_new", v_new)):
+        if a.shape != (b, 1, h, d):
+            raise ValueError(f"{name} must be [B, 1, Hkv, D] = {(b, 1, h, d)}, got shape {a.shape}")
+    for name, a in (("cos", cos), ("sin", sin)):
+        if a.shape != (b, 1, d):
+            raise ValueError(f"{name} must be [B, 1, D] = {(b, 1, d)}, got shape {a.shape}")
+    if slots.shape != (b, 1):
+        raise ValueError(f"slots must be [B={b}, 1], got shape {slots.shape}")
+    if k_pool.ndim == 5 and k_pool.shape[0] != 1:
+        raise ValueError(f"5-d pools must lead with a stage axis of 1, got shape {k_pool.shape}")
+    _check(q, k_pool.reshape(k_pool.shape[-4:]), v_pool.reshape(v_pool.shape[-4:]), block_table, positions,
+           sliding_window)
+    if k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} and {v_pool.shape}")
+    pool = jax.ShapeDtypeStruct(k_pool.shape, jnp.float32)
+    call = jax.ffi.ffi_call("jaxserve_paged_decode_attention_write",
+                            (jax.ShapeDtypeStruct(q.shape, jnp.float32), pool, pool),
+                            input_output_aliases={5: 1, 6: 2})
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    out, k_pool, v_pool = call(f32(q), f32(k_new), f32(v_new), f32(cos), f32(sin), k_pool, v_pool,
+                               block_table.astype(jnp.int32), positions.astype(jnp.int32), slots.astype(jnp.int32),
+                               sliding_window=np.int32(sliding_window))
+    return out.astype(q.dtype), k_pool, v_pool
 
 
 def paged_prefill_attention(

@@ -29,6 +29,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", 
 TARGETS = {
     "jaxserve_packed_matmul": "JaxservePackedMatmul",
     "jaxserve_paged_decode_attention": "JaxservePagedDecodeAttention",
+    "jaxserve_paged_decode_attention_write": "JaxservePagedDecodeAttentionWrite",
     "jaxserve_paged_prefill_attention": "JaxservePagedPrefillAttention",
     "jaxserve_stream_read": "JaxserveStreamRead",
     "jaxserve_logit_stats": "JaxserveLogitStats",

@@ -39,7 +39,23 @@ struct Problem {
   const int32_t* table;    // [B, cols]
   float* out;              // [B, Hkv, G, D]
   int64_t cols, heads, groups, page_size, dim;
+  // This step's keys and values, set when the call writes them into the pools itself (k and v then point into
+  // the pools it writes): k_new, v_new [B, Hkv, D] and q before RoPE, cos and sin [B, D], slots [B].
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  const int32_t* slots = nullptr;
+  float* k_write = nullptr;  // the pools k and v point into, writable
+  float* v_write = nullptr;
 };
+
+// out[0:d] = RoPE(x) * mul in the half-split (Hugging Face) convention: x * cos + [-x[d/2:], x[:d/2]] * sin.
+inline void rope(const float* x, const float* cos, const float* sin, int64_t d, float mul, float* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) out[i] = (x[i] * cos[i] + -x[i + half] * sin[i]) * mul;
+  for (int64_t i = half; i < d; ++i) out[i] = (x[i] * cos[i] + x[i - half] * sin[i]) * mul;
+}
 
 // The allowed keys of one row, [first, last]; empty when first > last.
 struct KeyRange {
@@ -145,7 +161,18 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   std::vector<float*> accs(rows);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const float* q = p.q + (b * p.heads + h0) * p.groups * d;
-  for (int64_t i = 0; i < rows * d; ++i) query[i] = q[i] * scale;
+  if (p.slots != nullptr) {  // RoPE this step's query and key, and write its key and value into the pools
+    const float *cos = p.cos + b * d, *sin = p.sin + b * d;
+    for (int64_t r = 0; r < rows; ++r) rope(q + r * d, cos, sin, d, scale, query + r * d);
+    const int64_t slot = p.slots[b];
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t at = ((slot / ps) * p.heads + h) * ps * d + slot % ps * d, from = (b * p.heads + h) * d;
+      rope(p.k_new + from, cos, sin, d, 1.0f, p.k_write + at);
+      std::copy(p.v_new + from, p.v_new + from + d, p.v_write + at);
+    }
+  } else {
+    for (int64_t i = 0; i < rows * d; ++i) query[i] = q[i] * scale;
+  }
   std::fill(top, top + rows, -INFINITY);
   std::fill(total, total + rows, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
@@ -200,23 +227,10 @@ void attend_all(ffi::ThreadPool& pool, const Problem& p, const std::vector<KeyRa
   });
 }
 
-ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pool,
-                                ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> block_table,
-                                ffi::Buffer<ffi::S32> positions, int32_t sliding_window,
-                                ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
-  const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
-  if (ffi::Error e = check_paged_attention("paged_decode_attention", qd, kd, vd, td, pd, od, sliding_window);
-      e.failure())
-    return e;
-  if (qd[1] != 1) return ffi::Error::InvalidArgument("paged_decode_attention: q must hold one query per row (T = 1)");
-  const int64_t batch = qd[0], heads = qd[2], groups = qd[3], dim = qd[4];
-  const int64_t num_pages = kd[0], page_size = kd[2], cols = td[1];
-
-  // Each row's allowed keys, clamped to the table's columns, and a check of the only page ids that will be read.
-  const int32_t* table = block_table.typed_data();
-  const int32_t* pos = positions.typed_data();
-  std::vector<KeyRange> ranges(batch);
+// Each row's allowed keys, clamped to the table's columns, after checking the only page ids that will be read.
+ffi::Error key_ranges(const int32_t* table, const int32_t* pos, int64_t batch, int64_t cols, int64_t page_size,
+                      int64_t num_pages, int32_t sliding_window, std::vector<KeyRange>& ranges) {
+  ranges.resize(batch);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t at = pos[b];
     const int64_t first = sliding_window > 0 ? std::max<int64_t>(at - sliding_window + 1, 0) : 0;
@@ -230,8 +244,85 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
                                            " is outside [0, " + std::to_string(num_pages) + ")");
     }
   }
-  const Problem p{q.typed_data(), k_pool.typed_data(), v_pool.typed_data(), table, out->typed_data(),
-                  cols, heads, groups, page_size, dim};
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pool,
+                                ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> block_table,
+                                ffi::Buffer<ffi::S32> positions, int32_t sliding_window,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
+  const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
+  if (ffi::Error e = check_paged_attention("paged_decode_attention", qd, kd, vd, td, pd, od, sliding_window);
+      e.failure())
+    return e;
+  if (qd[1] != 1) return ffi::Error::InvalidArgument("paged_decode_attention: q must hold one query per row (T = 1)");
+  std::vector<KeyRange> ranges;
+  if (ffi::Error e = key_ranges(block_table.typed_data(), positions.typed_data(), qd[0], td[1], kd[2], kd[0],
+                                sliding_window, ranges);
+      e.failure())
+    return e;
+  const Problem p{q.typed_data(), k_pool.typed_data(), v_pool.typed_data(), block_table.typed_data(),
+                  out->typed_data(), td[1], qd[2], qd[3], kd[2], qd[4]};
+  with_vectors_per_dim(qd[4], [&](auto nv) { attend_all<decltype(nv)::value>(pool, p, ranges); });
+  return ffi::Error::Success();
+}
+
+// The same attention for a step whose keys and values are not in the pools yet: q, k_new and v_new come straight
+// from the projections, before RoPE. The call applies RoPE (cos, sin [B, 1, D]) to q and k_new, writes k_new and
+// v_new at each real row's slot ([B, 1]; rows with position < 0 write nothing) and attends. The pools are returned
+// as outputs aliased to their inputs, so the write is in place. Why: RoPE and the two pool scatters are otherwise
+// five XLA ops per layer around this call.
+ffi::Error PagedDecodeAttentionWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                                     ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> cos,
+                                     ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k_pool,
+                                     ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> block_table,
+                                     ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> slots,
+                                     int32_t sliding_window, ffi::ResultBuffer<ffi::F32> out,
+                                     ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+  const std::string name = "paged_decode_attention_write";
+  // Pools may lead with a stage axis of 1 (see the python wrapper for why).
+  const auto pool_dims = [](ffi::Span<const int64_t> d) { return d.size() == 5 && d[0] == 1 ? d.last(4) : d; };
+  const auto qd = q.dimensions(), kd = pool_dims(k_pool.dimensions()), vd = pool_dims(v_pool.dimensions());
+  const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
+  if (ffi::Error e = check_paged_attention(name, qd, kd, vd, td, pd, od, sliding_window); e.failure()) return e;
+  const int64_t batch = qd[0], heads = qd[2], dim = qd[4], page_size = kd[2], slots_total = kd[0] * kd[2];
+  if (qd[1] != 1) return ffi::Error::InvalidArgument(name + ": q must hold one query per row (T = 1)");
+  const auto nd = k_new.dimensions(), md = v_new.dimensions();
+  for (auto d : {nd, md})
+    if (d.size() != 4 || d[0] != batch || d[1] != 1 || d[2] != heads || d[3] != dim)
+      return ffi::Error::InvalidArgument(name + ": k_new and v_new must be [B, 1, Hkv, D]");
+  for (auto d : {cos.dimensions(), sin.dimensions()})
+    if (d.size() != 3 || d[0] != batch || d[1] != 1 || d[2] != dim)
+      return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, 1, D]");
+  if (dim % 2 != 0) return ffi::Error::InvalidArgument(name + ": RoPE needs an even head_dim");
+  if (slots.element_count() != batch) return ffi::Error::InvalidArgument(name + ": slots must be [B, 1]");
+  if (k_out->element_count() != k_pool.element_count() || v_out->element_count() != v_pool.element_count())
+    return ffi::Error::InvalidArgument(name + ": the pool outputs must have the pools' shape");
+  const int32_t* pos = positions.typed_data();
+  const int32_t* slot = slots.typed_data();
+  for (int64_t b = 0; b < batch; ++b)
+    if (pos[b] >= 0 && (slot[b] < 0 || slot[b] >= slots_total))
+      return ffi::Error::InvalidArgument(name + ": slots[" + std::to_string(b) + "] = " + std::to_string(slot[b]) +
+                                         " is outside [0, " + std::to_string(slots_total) + ")");
+  std::vector<KeyRange> ranges;
+  if (ffi::Error e = key_ranges(block_table.typed_data(), pos, batch, td[1], page_size, kd[0], sliding_window,
+                                ranges);
+      e.failure())
+    return e;
+  // Aliased outputs are the input buffers; should XLA ever hand over separate ones, start them as copies.
+  float* kw = k_out->typed_data();
+  float* vw = v_out->typed_data();
+  if (kw != k_pool.typed_data()) std::copy(k_pool.typed_data(), k_pool.typed_data() + k_pool.element_count(), kw);
+  if (vw != v_pool.typed_data()) std::copy(v_pool.typed_data(), v_pool.typed_data() + v_pool.element_count(), vw);
+  Problem p{q.typed_data(), kw, vw, block_table.typed_data(), out->typed_data(), td[1], heads, qd[3], page_size, dim};
+  p.k_new = k_new.typed_data();
+  p.v_new = v_new.typed_data();
+  p.cos = cos.typed_data();
+  p.sin = sin.typed_data();
+  p.slots = slot;
+  p.k_write = kw;
+  p.v_write = vw;
   with_vectors_per_dim(dim, [&](auto nv) { attend_all<decltype(nv)::value>(pool, p, ranges); });
   return ffi::Error::Success();
 }
@@ -241,3 +332,21 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttention, jaxserve::PagedDecodeAttention,
                               jaxserve::paged_attention_binding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttentionWrite, jaxserve::PagedDecodeAttentionWrite,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_new
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_new
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // cos
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // sin
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_pool
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // block_table
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // positions
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   // slots
+                                  .Attr<int32_t>("sliding_window")
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()   // out
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool, aliased
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());  // v_pool, aliased
