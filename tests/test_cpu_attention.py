@@ -264,3 +264,11 @@ def test_decode_write_refuses_a_slot_outside_the_pools_and_bad_shapes() -> None:
         paged_decode_attention_write(q, k_new, v_new, cos[..., :8], sin, k_pool, v_pool, table, pos, slots)
     with pytest.raises(ValueError, match=r"slots must be \[B=3, 1\]"):
         paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots[:, 0])
+    with pytest.raises(ValueError, match="5-d pools must lead with a stage axis of 1"):
+        paged_decode_attention_write(q, k_new, v_new, cos, sin, jnp.stack([k_pool] * 2), jnp.stack([v_pool] * 2),
+                                     table, pos, slots)
+    out, k5, v5 = paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool[None], v_pool[None], table, pos,
+                                               slots)  # the runner's per-device pools, stage axis kept
+    assert k5.shape == (1, *k_pool.shape) and v5.shape == (1, *v_pool.shape)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(paged_decode_attention_write(
+        q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots)[0]))
