@@ -9,7 +9,7 @@ from test_runner import _prefill_batch
 from jaxserve.config import load_config
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.kernels import build
-from jaxserve.kernels.matmul import TILE, pack, pack_swiglu, packed_matmul
+from jaxserve.kernels.matmul import pack, pack_swiglu, packed_matmul, tile
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
 from models.llama import live_tokens, pack_projections
@@ -110,16 +110,25 @@ def test_packed_matmul_refuses_a_norm_scale_or_residual_of_the_wrong_shape() -> 
 def test_pack_swiglu_interleaves_gate_and_up_panels() -> None:
     gate, up = (np.arange(4 * 70, dtype=np.float32).reshape(4, 70) + b for b in (0, 1000))
     packed = np.asarray(pack_swiglu(jnp.asarray(gate), jnp.asarray(up)))
-    assert packed.shape == (4, 4, TILE)
+    assert packed.shape == (2 * -(-70 // tile()), 4, tile())
     np.testing.assert_array_equal(packed[0::2], np.asarray(pack(jnp.asarray(gate))))
     np.testing.assert_array_equal(packed[1::2], np.asarray(pack(jnp.asarray(up))))
 
 
-@pytest.mark.parametrize(("n", "swiglu"), [(97, False), (48, False), (49, True), (0, False)])
-def test_packed_matmul_refuses_an_n_its_panels_do_not_hold(n: int, swiglu: bool) -> None:
-    packed = pack(jnp.ones((8, 96), jnp.float32))  # 2 panels: n in 49..96, or 1..48 as a SwiGLU pair
+@pytest.mark.parametrize(("over", "swiglu"), [(1, False), (-1, False), (1, True), (None, False)])
+def test_packed_matmul_refuses_an_n_its_panels_do_not_hold(over: int | None, swiglu: bool) -> None:
+    """Two panels hold n in (tile, 2 * tile], or (0, tile] as a SwiGLU pair: one column past either end fails."""
+    packed = pack(jnp.ones((8, 2 * tile()), jnp.float32))
+    top = tile() if swiglu else 2 * tile()
+    n = 0 if over is None else (top + 1 if over > 0 else top - tile())
     with pytest.raises(ValueError, match=f"n={n} does not fit"):
         packed_matmul(jnp.ones((2, 8), jnp.float32), packed, n, swiglu=swiglu)
+
+
+def test_packed_matmul_refuses_panels_of_another_width() -> None:
+    other = jnp.ones((1, 8, tile() + 8), jnp.float32)
+    with pytest.raises(ValueError, match=f"panels of {tile() + 8} columns, but this host's kernels take {tile()}"):
+        packed_matmul(jnp.ones((2, 8), jnp.float32), other, tile())
 
 
 def test_pack_projections_fuses_qkv_and_gate_up_and_keeps_biases() -> None:
@@ -151,10 +160,11 @@ def test_live_tokens_counts_up_to_the_last_real_token(positions: list, want: int
 def test_pack_lays_columns_out_in_zero_padded_panels() -> None:
     w = np.arange(5 * 70, dtype=np.float32).reshape(5, 70)
     packed = np.asarray(pack(jnp.asarray(w)))
-    assert packed.shape == (2, 5, TILE)
-    for col in (0, TILE - 1, TILE, 69):  # column c lives in panel c // TILE at lane c % TILE
-        np.testing.assert_array_equal(packed[col // TILE, :, col % TILE], w[:, col])
-    assert not packed[1, :, 70 - TILE:].any()  # padding columns are zero
+    width = tile()
+    assert packed.shape == (-(-70 // width), 5, width)
+    for col in (0, width - 1, width, 69):  # column c lives in panel c // width at lane c % width
+        np.testing.assert_array_equal(packed[col // width, :, col % width], w[:, col])
+    assert not packed[-1, :, 70 - (packed.shape[0] - 1) * width:].any()  # padding columns are zero
 
 
 def test_a_failing_compiler_is_an_error_naming_it(tmp_path, monkeypatch) -> None:

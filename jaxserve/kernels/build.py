@@ -86,27 +86,37 @@ def _build(cxx: str) -> Path:
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("JAXSERVE_CPU_KERNELS", "").lower() in ("0", "off", "false"):
-        return False, "disabled by JAXSERVE_CPU_KERNELS"
+        return None, "disabled by JAXSERVE_CPU_KERNELS"
     cxx = _compiler()
     if cxx is None:
-        return False, "no C++ compiler found (set CXX)"
+        return None, "no C++ compiler found (set CXX)"
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         logging.warning("CPU kernels unavailable, using the pure-JAX path: %s", e)
-        return False, str(e)
-    return True, ""
+        return None, str(e)
+    return lib, ""
 
 
 def available() -> bool:
     """Whether the CPU kernels are built and registered (building them on the first call)."""
-    return _load()[0]
+    return _load()[0] is not None
 
 
 def unavailable_reason() -> str:
     """Why `available()` is False ("" when it is True)."""
     return _load()[1]
+
+
+@functools.cache
+def matmul_tile() -> int:
+    """Columns per packed weight panel in this host's build: the register tile depends on the vector width
+    `-march=native` compiled for (see cpu/matmul.cc), so weights are packed to match the library, not a constant."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    return int(lib.jaxserve_matmul_tile())

@@ -1,6 +1,7 @@
 """Matmuls against pre-packed weights for the CPU kernel (see cpu/matmul.cc for why packing).
 
-A [K, N] weight is packed once, at load, into [N_padded / TILE, K, TILE] panels; `packed_matmul` then computes
+A [K, N] weight is packed once, at load, into [N_padded / tile(), K, tile()] panels (the width is the host build's,
+see `build.matmul_tile`); `packed_matmul` then computes
 x @ W for any number of rows. The logical N travels with the call so padding columns are never written. An MLP's
 gate and up weights can be packed together (`pack_swiglu`) so that one call computes silu(x @ gate) * (x @ up).
 """
@@ -13,19 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TILE = 48
+from jaxserve.kernels import build
+
+
+def tile() -> int:
+    """Columns per packed panel on this host."""
+    return build.matmul_tile()
 
 
 def pack(w: jax.Array) -> jax.Array:
-    """[K, N] -> [ceil(N / TILE), K, TILE], zero-padded past N."""
+    """[K, N] -> [ceil(N / tile()), K, tile()], zero-padded past N."""
     k, n = w.shape
-    panels = -(-n // TILE)
-    w = jnp.pad(w, ((0, 0), (0, panels * TILE - n)))
-    return w.reshape(k, panels, TILE).transpose(1, 0, 2)
+    width = tile()
+    panels = -(-n // width)
+    w = jnp.pad(w, ((0, 0), (0, panels * width - n)))
+    return w.reshape(k, panels, width).transpose(1, 0, 2)
 
 
 def pack_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """[K, N] gate and up -> [2 * ceil(N / TILE), K, TILE]: their panels interleaved, gate first, for
+    """[K, N] gate and up -> [2 * ceil(N / tile()), K, tile()]: their panels interleaved, gate first, for
     `packed_matmul(..., swiglu=True)`. Each pair of panels is contiguous, so the kernel streams them as one."""
     g, u = pack(gate), pack(up)
     return jnp.stack([g, u], axis=1).reshape(2 * g.shape[0], *g.shape[1:])
@@ -46,8 +53,11 @@ def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | Non
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     panels = packed.shape[0] // (2 if swiglu else 1)
-    if not (panels - 1) * TILE < n <= panels * TILE:
-        raise ValueError(f"packed_matmul: n={n} does not fit {panels} panels of {TILE} columns")
+    width = packed.shape[-1]
+    if width != tile():
+        raise ValueError(f"packed_matmul: panels of {width} columns, but this host's kernels take {tile()}")
+    if not (panels - 1) * width < n <= panels * width:
+        raise ValueError(f"packed_matmul: n={n} does not fit {panels} panels of {width} columns")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"packed_matmul: norm_scale has shape {norm_scale.shape}, expected ({k},)")
     if residual is not None and residual.shape != (*lead, n):

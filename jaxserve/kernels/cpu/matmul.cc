@@ -17,27 +17,45 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-// Columns per packed panel (python: kernels.matmul.TILE). Tuned for AVX-512: 8 rows x 3 registers of accumulators,
-// 3 of weights and 1 broadcast use 28 of the 32 vector registers; 64-column panels (32 accumulators) spill and read
-// 19-26 GB/s at 8 rows on a 2-core Zen 5 against 25-28 GB/s for 48.
+// The register tile, per instruction set (python reads kTile through jaxserve_matmul_tile()):
+// - AVX-512 (32 registers): 48-column panels; 8 rows x 3 registers of accumulators, 3 of weights and 1 broadcast
+//   use 28 of them. 64-column panels (32 accumulators) spill and read 19-26 GB/s at 8 rows on a 2-core Zen 5
+//   against 25-28 GB/s for 48.
+// - AVX2 (16 registers): 8-column panels, one register wide; 8 rows x 1 accumulator, 1 weight and 1 broadcast.
+//   Each panel is then one contiguous run and a thread's panels one long stream. On a 2-core Zen 3 VM a C++ chain
+//   of the 110M model's 8-row matmuls read 17-18 GB/s this way, against ~10.5 GB/s for 48-column panels done 2 rows
+//   at a time (4 passes over each panel, all that 16 registers allow at that width); decode_mbu.py's kernel chain
+//   went from 10.8 to 15.6 GB/s.
+#if defined(__AVX512F__)
 constexpr int64_t kTile = 48;
-constexpr int kVecs = kTile / kLanes;           // registers per row of a panel
-constexpr int kRows = kLanes == 16 ? 8 : 2;     // rows of x per pass
+#else
+constexpr int64_t kTile = 8;
+#endif
+constexpr int kVecs = kTile / kLanes;  // registers per row of a panel
+constexpr int kRows = 8;               // rows of x per pass
 
-// A panel's K rows are read as kStreams interleaved runs, each prefetched kPrefetchRows rows ahead. Why: a core
-// streaming one run waits on memory latency (a 2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight
-// at ~11); several runs in flight, requested ahead of use, keep more lines outstanding. On that VM this took a
-// chain of 8-row matmuls from 11.5 to 17.1 GB/s. The order of the K sum changes, not its terms.
+// How the weights are read ahead of use. The order of the K sum changes with kStreams, not its terms.
+// - AVX-512: a panel's K rows as 4 interleaved runs, each prefetched 8 rows (1.5 KB) ahead. A core streaming one
+//   run waits on memory latency (a 2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight at ~11);
+//   there this took a chain of 8-row matmuls from 11.5 to 17.1 GB/s.
+// - AVX2: one run, prefetched 8 KB ahead, a line at a time. Without it the same Zen 3 VM read 13-14 GB/s: the time
+//   of the memory reads and of the FMAs added up, nothing overlapped. 1-2 KB ahead read ~16.5, 4-16 KB 17-18.
+#if defined(__AVX512F__)
 constexpr int kStreams = 4;
-constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kPrefetchBytes = 8 * kTile * 4;
+#else
+constexpr int kStreams = 1;
+constexpr int64_t kPrefetchBytes = 8192;
+#endif
+constexpr int64_t kRowBytes = kTile * 4;
+constexpr int64_t kRowsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;  // panel rows per 64-byte line
+static_assert(kRowBytes % 64 == 0 || 64 % kRowBytes == 0, "panel rows must tile cache lines");
 
 template <int R>
 inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
   vfloat acc[R][kVecs] = {};
   const auto row = [&](int64_t k) {
     const float* wk = w + k * kTile;
-#pragma GCC unroll 8
-    for (int j = 0; j < kVecs; ++j) __builtin_prefetch(wk + kPrefetchRows * kTile + j * kLanes, 0, 3);
     vfloat wv[kVecs];
 #pragma GCC unroll 8
     for (int j = 0; j < kVecs; ++j) wv[j] = load(wk + j * kLanes);
@@ -48,10 +66,18 @@ inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y,
       for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
     }
   };
-  const int64_t run = k_size / kStreams;
-  for (int64_t i = 0; i < run; ++i)
+  // Rows k..k + kRowsPerLine - 1 start at a line boundary: prefetch the lines kPrefetchBytes past them, then do them.
+  const auto line = [&](int64_t k) {
+    const char* ahead = reinterpret_cast<const char*>(w + k * kTile) + kPrefetchBytes;
 #pragma GCC unroll 8
-    for (int s = 0; s < kStreams; ++s) row(s * run + i);
+    for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < kRowsPerLine; ++i) row(k + i);
+  };
+  const int64_t run = k_size / (kStreams * kRowsPerLine) * kRowsPerLine;
+  for (int64_t i = 0; i < run; i += kRowsPerLine)
+#pragma GCC unroll 8
+    for (int s = 0; s < kStreams; ++s) line(s * run + i);
   for (int64_t k = kStreams * run; k < k_size; ++k) row(k);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kVecs; ++j) store(y + r * ldy + j * kLanes, acc[r][j]);
@@ -174,6 +200,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 }  // namespace jaxserve
+
+// The panel width this build packs for: the python side packs weights with it (kernels.matmul.tile()).
+extern "C" int jaxserve_matmul_tile() { return static_cast<int>(jaxserve::kTile); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, jaxserve::PackedMatmul,
                               xla::ffi::Ffi::Bind()
