@@ -106,9 +106,44 @@ inline float dot(const float* a, const float* __restrict b, int64_t d) {
   return s;
 }
 
-// Query rows whose values are accumulated together (R below): as many as keep R * NV accumulators in 16 registers.
+// Whether a page's KV heads are read side by side (one stream per head) or one head's chunk after another.
+// - AVX-512 builds (tuned on a 2-core Sapphire Rapids VM): side by side, so that the hardware prefetcher keeps many
+//   lines in flight: 8 rows x 257 keys x 12 heads went from 13.4 to 17.3 GB/s against one chunk after another.
+// - AVX2 builds (tuned on a 2-core Zen 3 VM): one chunk after another. There 12 chained calls at 8 rows x 257 keys
+//   took 9.2 ms this way against 11.2 ms side by side (alternated, medians of 12); merely touching every line in
+//   the side-by-side order took as long as the whole kernel. Software prefetch of the next chunk or page, per key or
+//   in bursts, measured slower on both machines.
+#if defined(__AVX512F__)
+constexpr bool kHeadsSideBySide = true;
+#else
+constexpr bool kHeadsSideBySide = false;
+#endif
+
+// Query rows whose values are accumulated together (R below): side by side, as many as keep R * NV accumulators in
+// half the (AVX-512) registers; else one.
 template <int NV>
-constexpr int kRowsTogether = NV > 0 ? (16 / NV > 0 ? 16 / NV : 1) : 1;
+constexpr int kRowsTogether = kHeadsSideBySide && NV > 0 ? (16 / NV > 0 ? 16 / NV : 1) : 1;
+
+// scores[j] = q . k[j] for j < n (one head's keys, D apart), four keys at a time: four independent FMA chains in
+// flight and q held in registers, instead of one dot's latency after another (on the Zen 3 VM a chain of calls
+// with their pages in cache went from 2.64 to 2.48 ms).
+template <int NV>
+inline void head_scores(const float* q, const float* k, int64_t n, int64_t d, float* scores) {
+  int64_t j = 0;
+  if constexpr (NV > 0) {
+    vfloat qv[NV];
+    for (int i = 0; i < NV; ++i) qv[i] = load(q + i * kLanes);
+    for (; j + 4 <= n; j += 4) {
+      vfloat acc[4] = {};
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i)
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) acc[t] += qv[i] * load(k + (j + t) * d + i * kLanes);
+      for (int t = 0; t < 4; ++t) scores[j + t] = hsum(acc[t]);
+    }
+  }
+  for (; j < n; ++j) scores[j] = dot<NV>(q, k + j * d, d);
+}
 
 // For each of R query rows r: acc[r][0:d] = acc[r] * rescale[r] + sum_j w[r][j] * v[r][j, 0:d]. The R rows' value
 // runs (one per KV head, or shared within a group) are read side by side, R streams in flight instead of one.
@@ -137,13 +172,47 @@ inline void accumulate(const float* const* w, const float* const* v, int64_t n, 
   }
 }
 
+// One query row's scores over a page fused with its values over the page before: scores[t] = q . k[t] for t < n_s,
+// and acc = acc * rescale + sum_t w[t] * v[t] for t < n_v. Why: the keys and the values are then read side by side,
+// two streams in flight instead of one after the other; on the Zen 3 VM 12 chained calls at 8 rows x 257 keys went
+// from 9.01 to 8.33 ms (alternated, medians of 20), where merely touching each page's keys and values side by side
+// took 8.3 ms.
+template <int NV>
+inline void scores_and_values(const float* q, const float* k, int64_t n_s, float* scores, const float* w,
+                              const float* v, int64_t n_v, float rescale, float* acc, int64_t d) {
+  if constexpr (NV > 0) {
+    vfloat a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = load(acc + i * kLanes) * rescale;
+    const int64_t both = std::min(n_s, n_v);
+    int64_t t = 0;
+    for (; t < both; ++t) {
+      vfloat s{};
+      const vfloat wt = splat(w[t]);
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) {
+        s += load(q + i * kLanes) * load(k + t * d + i * kLanes);
+        a[i] += wt * load(v + t * d + i * kLanes);
+      }
+      scores[t] = hsum(s);
+    }
+    for (int64_t u = t; u < n_v; ++u) {
+      const vfloat wt = splat(w[u]);
+      for (int i = 0; i < NV; ++i) a[i] += wt * load(v + u * d + i * kLanes);
+    }
+    for (int i = 0; i < NV; ++i) store(acc + i * kLanes, a[i]);
+    head_scores<NV>(q, k + t * d, n_s - t, d, scores + t);
+  } else {
+    accumulate<0, 1>(&w, &v, n_v, &rescale, &acc, d);
+    head_scores<0>(q, k, n_s, d, scores);
+  }
+}
+
 // Attention of row b's query heads for KV heads [h0, h1) over keys [keys.first, keys.last], written to out[b].
 // The heads of a block are visited together for each page: their K (and V) chunks are adjacent in the pool, so a
-// page is two contiguous runs (keys, then values), and within each the heads' chunks are read side by side, one
-// stream per head, so that the hardware prefetcher keeps many lines in flight: on a 2-core Sapphire Rapids VM,
-// 8 rows x 257 keys x 12 heads went from 13.4 to 17.3 GB/s against reading one chunk after another. Software
-// prefetch of the row's next page (1.4x on a Zen 5 with one stream) cost 20-30% there on top of the streams: its
-// requests hold the core's few line-fill buffers that demand loads need.
+// page is two contiguous runs (keys, then values), read in the order kHeadsSideBySide says; one head after another,
+// a page's scores are computed together with the previous page's values (scores_and_values). Software prefetch of
+// the row's next page (1.4x on a Zen 5 with one stream) cost 20-30% on the Sapphire Rapids VM on top of the
+// streams: its requests hold the core's few line-fill buffers that demand loads need.
 template <int NV>
 void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) {
   const int64_t rows = (h1 - h0) * p.groups, d = p.dim, ps = p.page_size;  // rows: query heads of the block
@@ -181,30 +250,62 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   }
 
   const int32_t* row_pages = p.table + b * p.cols;
-  for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
-    const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
-    const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;  // allowed keys in this page
-    const float* k = p.k + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;  // [h1 - h0, ps, D]
-    const float* v = p.v + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
-    for (int64_t j = j0; j < j0 + n; ++j) {
-      for (int64_t h = 0; h < h1 - h0; ++h)
-        for (int64_t r = h * p.groups; r < (h + 1) * p.groups; ++r)
-          scores[r * ps + j - j0] = dot<NV>(query + r * d, k + (h * ps + j) * d, d);
+  // Folds row r's scores s[0:n] of a page into its running max and sum; s becomes the page's softmax weights and
+  // the return value the factor that rescales the row's accumulator before their values are added.
+  const auto fold = [&](int64_t r, float* s, int64_t n) {
+    const float new_top = std::max(top[r], page_max(s, n));
+    const float sum = exp_and_sum(s, n, new_top);
+    const float factor = std::exp(top[r] - new_top);  // 0 on the first page: top is -inf
+    total[r] = total[r] * factor + sum;
+    top[r] = new_top;
+    return factor;
+  };
+  if constexpr (kHeadsSideBySide) {
+    for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
+      const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
+      const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;  // allowed keys in this page
+      const float* k = p.k + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;  // [h1 - h0, ps, D]
+      const float* v = p.v + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+      for (int64_t j = j0; j < j0 + n; ++j)
+        for (int64_t h = 0; h < h1 - h0; ++h)
+          for (int64_t r = h * p.groups; r < (h + 1) * p.groups; ++r)
+            scores[r * ps + j - j0] = dot<NV>(query + r * d, k + (h * ps + j) * d, d);
+      for (int64_t r = 0; r < rows; ++r) {
+        rescale[r] = fold(r, scores + r * ps, n);
+        values[r] = v + (r / p.groups * ps + j0) * d;
+      }
+      constexpr int R = kRowsTogether<NV>;
+      int64_t r = 0;
+      for (; r + R <= rows; r += R)
+        accumulate<NV, R>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
+      for (; r < rows; ++r) accumulate<NV, 1>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = scores + r * ps;
-      const float new_top = std::max(top[r], page_max(s, n));
-      const float sum = exp_and_sum(s, n, new_top);
-      rescale[r] = std::exp(top[r] - new_top);  // 0 on the first page: top is -inf
-      total[r] = total[r] * rescale[r] + sum;
-      top[r] = new_top;
-      values[r] = v + (r / p.groups * ps + j0) * d;
+  } else {
+    // Two score buffers: this page's scores are written while the previous page's weights are read.
+    std::vector<float> second(rows * ps);
+    float* now = scores;
+    float* before = second.data();
+    int64_t before_n = 0;  // keys of the previous page: none before the first
+    std::fill(rescale, rescale + rows, 1.0f);
+    for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
+      const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
+      const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;
+      const float* k = p.k + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+      const float* v = p.v + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+      for (int64_t r = 0; r < rows; ++r)
+        scores_and_values<NV>(query + r * d, k + (r / p.groups * ps + j0) * d, n, now + r * ps, before + r * ps,
+                              values[r], before_n, rescale[r], accs[r], d);
+      for (int64_t r = 0; r < rows; ++r) {
+        rescale[r] = fold(r, now + r * ps, n);
+        values[r] = v + (r / p.groups * ps + j0) * d;
+      }
+      before_n = n;
+      std::swap(now, before);
     }
-    constexpr int R = kRowsTogether<NV>;
-    int64_t r = 0;
-    for (; r + R <= rows; r += R)
-      accumulate<NV, R>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
-    for (; r < rows; ++r) accumulate<NV, 1>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
+    for (int64_t r = 0; r < rows; ++r) {  // the last page's values
+      const float* w = before + r * ps;
+      accumulate<NV, 1>(&w, &values[r], before_n, rescale + r, &accs[r], d);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = 1.0f / total[r];
