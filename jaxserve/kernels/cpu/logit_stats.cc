@@ -54,21 +54,26 @@ RowStats row_stats(const float* l, int64_t n, int64_t vocab) {
   float top;
   int64_t first;
   max_and_first(l, n, top, first);
-  vfloat acc[4] = {};
+  // Summed in float32 vectors over blocks of kBlock ids, the blocks' sums added in double: one float32 lane
+  // running over a whole 32000-id row (1000 terms each under AVX2) was off by 2.5e-6 relative in a test.
+  constexpr int64_t kBlock = 64 * kLanes;
   const vfloat vtop = splat(top);
+  double total = 0;
   int64_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes)
+  while (i + 4 * kLanes <= n) {
+    vfloat acc[4] = {};
+    for (const int64_t end = std::min(n, i + kBlock); i + 4 * kLanes <= end; i += 4 * kLanes)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[j] += vexp(load(l + i + j * kLanes) - vtop);
-  float total = 0;
+      for (int j = 0; j < 4; ++j) acc[j] += vexp(load(l + i + j * kLanes) - vtop);
+    const vfloat lanes = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  }
   for (; i < n; ++i) total += std::exp(l[i] - top);
-  for (int j = 0; j < 4; ++j)
-    for (int k = 0; k < kLanes; ++k) total += acc[j][k];
   if (std::isnan(total)) {  // a NaN in the row, or an infinite maximum (inf - inf): rare, so checked only now
     for (i = 0; i < n; ++i)
       if (std::isnan(l[i])) return {std::nanf(""), static_cast<int32_t>(vocab - 1), std::nanf("")};
   }
-  return {top, static_cast<int32_t>(first), std::log(total)};
+  return {top, static_cast<int32_t>(first), static_cast<float>(std::log(total))};
 }
 
 ffi::Error LogitStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, int32_t valid,
