@@ -1,9 +1,9 @@
 """Matmuls against pre-packed weights for the CPU kernel (see cpu/matmul.cc for why packing).
 
 A [K, N] weight is packed once, at load, into [N_padded / tile(), K, tile()] panels (the width is the host build's,
-see `build.matmul_tile`); `packed_matmul` then computes
-x @ W for any number of rows. The logical N travels with the call so padding columns are never written. An MLP's
-gate and up weights can be packed together (`pack_swiglu`) so that one call computes silu(x @ gate) * (x @ up).
+see `build.matmul_tile`); `packed_matmul` then computes x @ W for any number of rows. The logical N travels with the
+call so padding columns are never written. An MLP's gate and up weights can be packed together (`pack_swiglu`) so
+that one call computes silu(x @ gate) * (x @ up).
 """
 
 from __future__ import annotations

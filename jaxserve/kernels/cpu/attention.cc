@@ -220,12 +220,13 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   std::fill(out, out + rows * d, 0.0f);
   if (keys.first > keys.last) return;  // padding row, or a window entirely past the table: zeros
 
-  std::vector<float> scratch(rows * (d + ps + 3));
-  float* query = scratch.data();     // [rows, D], pre-scaled by d**-0.5
-  float* scores = query + rows * d;  // [rows, page_size], then the softmax weights
-  float* top = scores + rows * ps;   // [rows] running max
-  float* total = top + rows;         // [rows] running sum of weights
-  float* rescale = total + rows;     // [rows] this page's correction of the running accumulators
+  std::vector<float> scratch(rows * (d + 2 * ps + 3));
+  float* query = scratch.data();       // [rows, D], pre-scaled by d**-0.5
+  float* scores = query + rows * d;    // [rows, page_size], then the softmax weights
+  float* second = scores + rows * ps;  // [rows, page_size], the previous page's weights (one head after another)
+  float* top = second + rows * ps;     // [rows] running max
+  float* total = top + rows;           // [rows] running sum of weights
+  float* rescale = total + rows;       // [rows] this page's correction of the running accumulators
   std::vector<const float*> weights(rows), values(rows);
   std::vector<float*> accs(rows);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -282,9 +283,8 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
     }
   } else {
     // Two score buffers: this page's scores are written while the previous page's weights are read.
-    std::vector<float> second(rows * ps);
     float* now = scores;
-    float* before = second.data();
+    float* before = second;
     int64_t before_n = 0;  // keys of the previous page: none before the first
     std::fill(rescale, rescale + rows, 1.0f);
     for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
