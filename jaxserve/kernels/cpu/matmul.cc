@@ -51,7 +51,7 @@ constexpr int64_t kRowBytes = kTile * 4;
 constexpr int64_t kRowsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;  // panel rows per 64-byte line
 static_assert(kRowBytes % 64 == 0 || 64 % kRowBytes == 0, "panel rows must tile cache lines");
 
-// x (one group of gather_rows' layout, [k][kRows]) @ one panel into y[R, kTile] (row stride ldy).
+// x (one group of gather_rows' layout, [k][R]) @ one panel into y[R, kTile] (row stride ldy).
 template <int R>
 inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
   vfloat acc[R][kVecs] = {};
@@ -62,7 +62,7 @@ inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y,
     for (int j = 0; j < kVecs; ++j) wv[j] = load(wk + j * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vfloat xr = splat(x[k * kRows + r]);
+      const vfloat xr = splat(x[k * R + r]);
 #pragma GCC unroll 8
       for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
     }
@@ -103,10 +103,11 @@ inline void swiglu(const float* gate, const float* up, float* out) {
   }
 }
 
-// x's first `rows` rows [rows, k] into out as [ceil(rows / kRows)][k][kRows], zero-padded: a pass then broadcasts
-// x[r, k] for its kRows rows from one pointer at constant offsets. With 8 row pointers into [rows, k] the AVX2 loop
-// ran out of general registers and reloaded five of them from the stack every two k; a JAX chain of the 110M
-// model's 8-row matmuls read 17.5-17.7 GB/s this way against 16.6 (2-core Zen 3 VM, alternated in one process).
+// x's first `rows` rows [rows, k] into out as groups of kRows rows (the last may hold fewer, R), each [k][R]: a
+// pass then broadcasts x[r, k] for its R rows from one pointer at constant offsets. With R row pointers into
+// [rows, k] the AVX2 loop ran out of general registers and reloaded five of them from the stack every two k; a JAX
+// chain of the 110M model's 8-row matmuls read 17.5-17.7 GB/s this way against 16.6 (2-core Zen 3 VM, alternated
+// in one process).
 //
 // With `scale`, each row is first RMS-normalised, x * rsqrt(mean(x**2) + eps) * scale: the norm that precedes a
 // block's first projection, done here so that it is not an XLA op of its own between two kernel calls.
@@ -125,8 +126,9 @@ void gather_rows(const float* x, int64_t rows, int64_t k, const float* scale, fl
       for (; i < k; ++i) sum += xr[i] * xr[i];
       inv = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
     }
-    float* group = out + (r / kRows) * k * kRows + r % kRows;
-    for (int64_t i = 0; i < k; ++i) group[i * kRows] = scale != nullptr ? xr[i] * inv * scale[i] : xr[i];
+    const int64_t first = r / kRows * kRows, stride = std::min<int64_t>(rows - first, kRows);  // the group's R
+    float* at = out + first * k + (r - first);
+    for (int64_t i = 0; i < k; ++i) at[i * stride] = scale != nullptr ? xr[i] * inv * scale[i] : xr[i];
   }
 }
 
@@ -161,7 +163,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (add && (residual.dimensions().size() != 2 || residual.dimensions()[0] != m || residual.dimensions()[1] != n))
     return ffi::Error::InvalidArgument("packed_matmul: residual must be [M, N]");
   const int64_t rows_live = std::clamp<int64_t>(live.typed_data()[0], 0, m);
-  std::vector<float> gathered((rows_live + kRows - 1) / kRows * k * kRows, 0.0f);
+  std::vector<float> gathered(rows_live * k);
   gather_rows(x.typed_data(), rows_live, k, norm ? norm_scale.typed_data() : nullptr, eps, gathered.data());
   const float* xp = gathered.data();
   const float* wp = w.typed_data();
