@@ -251,6 +251,17 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   }
 
   const int32_t* row_pages = p.table + b * p.cols;
+  // Page column c of the row: its first allowed key j0, the n allowed keys from there, and the block's keys and
+  // values in that page, [h1 - h0, ps, D] each.
+  struct Page {
+    int64_t j0, n;
+    const float *k, *v;
+  };
+  const auto page = [&](int64_t c) {
+    const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
+    const int64_t at = (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+    return Page{j0, std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0, p.k + at, p.v + at};
+  };
   // Folds row r's scores s[0:n] of a page into its running max and sum; s becomes the page's softmax weights and
   // the return value the factor that rescales the row's accumulator before their values are added.
   const auto fold = [&](int64_t r, float* s, int64_t n) {
@@ -263,10 +274,7 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   };
   if constexpr (kHeadsSideBySide) {
     for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
-      const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
-      const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;  // allowed keys in this page
-      const float* k = p.k + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;  // [h1 - h0, ps, D]
-      const float* v = p.v + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+      const auto [j0, n, k, v] = page(c);
       for (int64_t j = j0; j < j0 + n; ++j)
         for (int64_t h = 0; h < h1 - h0; ++h)
           for (int64_t r = h * p.groups; r < (h + 1) * p.groups; ++r)
@@ -288,10 +296,7 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
     int64_t before_n = 0;  // keys of the previous page: none before the first
     std::fill(rescale, rescale + rows, 1.0f);
     for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
-      const int64_t j0 = std::max<int64_t>(keys.first - c * ps, 0);
-      const int64_t n = std::min<int64_t>(keys.last - c * ps, ps - 1) + 1 - j0;
-      const float* k = p.k + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
-      const float* v = p.v + (static_cast<int64_t>(row_pages[c]) * p.heads + h0) * ps * d;
+      const auto [j0, n, k, v] = page(c);
       for (int64_t r = 0; r < rows; ++r)
         scores_and_values<NV>(query + r * d, k + (r / p.groups * ps + j0) * d, n, now + r * ps, before + r * ps,
                               values[r], before_n, rescale[r], accs[r], d);
