@@ -461,7 +461,7 @@ def lm_logits(params: Params, cfg: ModelConfig, h: jax.Array, vocab_axis: str | 
     """
     dtype, pdtype = DTYPE[cfg.dtype], DTYPE[cfg.param_dtype]
     if "packed" in params.get("lm_head", {}):
-        packed = params["lm_head"]["packed"]  # [panels, D, TILE] of this device's vocabulary slice
+        packed = params["lm_head"]["packed"]  # [runs, panels, D / runs, TILE] of this device's vocabulary slice
         logits = packed_matmul(h, packed, params["embed"]["embedding"].shape[0], live,  # this device's vocab
                                norm_scale=params["final_norm"]["scale"], eps=cfg.rms_norm_eps)
         if vocab_axis is None:

@@ -9,7 +9,7 @@ from test_runner import _prefill_batch
 from jaxserve.config import load_config
 from jaxserve.generate import GenerationOptions, generate
 from jaxserve.kernels import build
-from jaxserve.kernels.matmul import pack, pack_swiglu, packed_matmul, tile
+from jaxserve.kernels.matmul import pack, pack_swiglu, packed_matmul, streams, tile
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.runner import Runner, StepBatch, use_cpu_kernels
 from models.llama import live_tokens, pack_projections
@@ -110,9 +110,9 @@ def test_packed_matmul_refuses_a_norm_scale_or_residual_of_the_wrong_shape() -> 
 def test_pack_swiglu_interleaves_gate_and_up_panels() -> None:
     gate, up = (np.arange(4 * 70, dtype=np.float32).reshape(4, 70) + b for b in (0, 1000))
     packed = np.asarray(pack_swiglu(jnp.asarray(gate), jnp.asarray(up)))
-    assert packed.shape == (2 * -(-70 // tile()), 4, tile())
-    np.testing.assert_array_equal(packed[0::2], np.asarray(pack(jnp.asarray(gate))))
-    np.testing.assert_array_equal(packed[1::2], np.asarray(pack(jnp.asarray(up))))
+    assert packed.shape == (streams(), 2 * -(-70 // tile()), -(-4 // streams()), tile())
+    np.testing.assert_array_equal(packed[:, 0::2], np.asarray(pack(jnp.asarray(gate))))
+    np.testing.assert_array_equal(packed[:, 1::2], np.asarray(pack(jnp.asarray(up))))
 
 
 @pytest.mark.parametrize(("over", "swiglu"), [(1, False), (-1, False), (1, True), (None, False)])
@@ -125,10 +125,14 @@ def test_packed_matmul_refuses_an_n_its_panels_do_not_hold(over: int | None, swi
         packed_matmul(jnp.ones((2, 8), jnp.float32), packed, n, swiglu=swiglu)
 
 
-def test_packed_matmul_refuses_panels_of_another_width() -> None:
-    other = jnp.ones((1, 8, tile() + 8), jnp.float32)
-    with pytest.raises(ValueError, match=f"panels of {tile() + 8} columns, but this host's kernels take {tile()}"):
-        packed_matmul(jnp.ones((2, 8), jnp.float32), other, tile())
+def test_packed_matmul_refuses_panels_of_another_width_run_count_or_run_length() -> None:
+    x, runs = jnp.ones((2, 8), jnp.float32), streams()
+    for shape in ((runs, 1, -(-8 // runs), tile() + 8), (runs + 1, 1, -(-8 // (runs + 1)), tile())):
+        with pytest.raises(ValueError, match=f"{shape[0]} runs of panels of {shape[3]} columns, but this host's "
+                                             f"kernels take {runs} of {tile()}"):
+            packed_matmul(x, jnp.ones(shape, jnp.float32), tile())
+    with pytest.raises(ValueError, match=f"runs of {-(-9 // runs)} rows do not split K=8 into {runs}"):
+        packed_matmul(x, pack(jnp.ones((9, tile()), jnp.float32)), tile())
 
 
 def test_pack_projections_fuses_qkv_and_gate_up_and_keeps_biases() -> None:
@@ -160,11 +164,15 @@ def test_live_tokens_counts_up_to_the_last_real_token(positions: list, want: int
 def test_pack_lays_columns_out_in_zero_padded_panels() -> None:
     w = np.arange(5 * 70, dtype=np.float32).reshape(5, 70)
     packed = np.asarray(pack(jnp.asarray(w)))
-    width = tile()
-    assert packed.shape == (-(-70 // width), 5, width)
+    width, runs = tile(), streams()
+    kq = -(-5 // runs)
+    assert packed.shape == (runs, -(-70 // width), kq, width)
     for col in (0, width - 1, width, 69):  # column c lives in panel c // width at lane c % width
-        np.testing.assert_array_equal(packed[col // width, :, col % width], w[:, col])
-    assert not packed[-1, :, 70 - (packed.shape[0] - 1) * width:].any()  # padding columns are zero
+        for row in range(5):  # row k in run k // kq at k % kq
+            assert packed[row // kq, col // width, row % kq, col % width] == w[row, col]
+    full = packed.transpose(0, 2, 1, 3).reshape(runs * kq, -1)  # [K padded, N padded] again
+    np.testing.assert_array_equal(full[:5, :70], w)
+    assert not full[5:].any() and not full[:, 70:].any()  # padding rows and columns are zero
 
 
 def test_a_failing_compiler_is_an_error_naming_it(tmp_path, monkeypatch) -> None:

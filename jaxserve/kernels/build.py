@@ -120,3 +120,12 @@ def matmul_tile() -> int:
     if lib is None:
         raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
     return int(lib.jaxserve_matmul_tile())
+
+
+@functools.cache
+def matmul_streams() -> int:
+    """Runs each packed panel's K rows are split into in this host's build (see cpu/matmul.cc)."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    return int(lib.jaxserve_matmul_streams())

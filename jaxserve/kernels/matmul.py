@@ -1,7 +1,9 @@
 """Matmuls against pre-packed weights for the CPU kernel (see cpu/matmul.cc for why packing).
 
-A [K, N] weight is packed once, at load, into [N_padded / tile(), K, tile()] panels (the width is the host build's,
-see `build.matmul_tile`); `packed_matmul` then computes x @ W for any number of rows. The logical N travels with the
+A [K, N] weight is packed once, at load, into [streams(), N_padded / tile(), ceil(K / streams()), tile()]: panels of
+tile() columns, each split along K into streams() runs, run s of every panel in region s, so that a thread doing a
+range of panels reads streams() long contiguous runs (both numbers are the host build's, see `build.matmul_tile`);
+`packed_matmul` then computes x @ W for any number of rows. The logical N travels with the
 call so padding columns are never written. An MLP's gate and up weights can be packed together (`pack_swiglu`) so
 that one call computes silu(x @ gate) * (x @ up).
 """
@@ -22,20 +24,27 @@ def tile() -> int:
     return build.matmul_tile()
 
 
+def streams() -> int:
+    """Runs each packed panel's K rows are split into on this host."""
+    return build.matmul_streams()
+
+
 def pack(w: jax.Array) -> jax.Array:
-    """[K, N] -> [ceil(N / tile()), K, tile()], zero-padded past N."""
+    """[K, N] -> [streams(), ceil(N / tile()), ceil(K / streams()), tile()]: W[k, c] at
+    [k // kq, c // tile(), k % kq, c % tile()] (kq the run length), zero-padded past K and N."""
     k, n = w.shape
-    width = tile()
-    panels = -(-n // width)
-    w = jnp.pad(w, ((0, 0), (0, panels * width - n)))
-    return w.reshape(k, panels, width).transpose(1, 0, 2)
+    width, runs = tile(), streams()
+    panels, kq = -(-n // width), -(-k // runs)
+    w = jnp.pad(w, ((0, runs * kq - k), (0, panels * width - n)))
+    return w.reshape(runs, kq, panels, width).transpose(0, 2, 1, 3)
 
 
 def pack_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """[K, N] gate and up -> [2 * ceil(N / tile()), K, tile()]: their panels interleaved, gate first, for
-    `packed_matmul(..., swiglu=True)`. Each pair of panels is contiguous, so the kernel streams them as one."""
+    """[K, N] gate and up -> [streams(), 2 * ceil(N / tile()), ceil(K / streams()), tile()]: their panels
+    interleaved, gate first, for `packed_matmul(..., swiglu=True)`. Each pair of panels is contiguous in every
+    region, so the kernel streams them as one."""
     g, u = pack(gate), pack(up)
-    return jnp.stack([g, u], axis=1).reshape(2 * g.shape[0], *g.shape[1:])
+    return jnp.stack([g, u], axis=2).reshape(g.shape[0], 2 * g.shape[1], *g.shape[2:])
 
 
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | None = None,
@@ -52,10 +61,13 @@ def packed_matmul(x: jax.Array, packed: jax.Array, n: int, live: jax.Array | Non
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    panels = packed.shape[0] // (2 if swiglu else 1)
-    width = packed.shape[-1]
-    if width != tile():
-        raise ValueError(f"packed_matmul: panels of {width} columns, but this host's kernels take {tile()}")
+    runs, panels, kq, width = packed.shape
+    panels //= 2 if swiglu else 1
+    if width != tile() or runs != streams():
+        raise ValueError(f"packed_matmul: {runs} runs of panels of {width} columns, but this host's kernels take "
+                         f"{streams()} of {tile()}")
+    if kq != -(-k // runs):
+        raise ValueError(f"packed_matmul: runs of {kq} rows do not split K={k} into {runs}")
     if not (panels - 1) * width < n <= panels * width:
         raise ValueError(f"packed_matmul: n={n} does not fit {panels} panels of {width} columns")
     if norm_scale is not None and norm_scale.shape != (k,):

@@ -39,15 +39,16 @@ def canonical_specs(config: Config) -> Params:
 
 
 def _packed_axes(kernels: list[tuple[str | None, ...]], n_in: int, swiglu: bool) -> tuple[str | None, ...]:
-    """Logical axes of a packed kernel: [layers, *in, *out] -> [layers, panels, K, TILE]. Each device packs its
-    own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of K; kernels
+    """Logical axes of a packed kernel: [layers, *in, *out] -> [layers, runs, panels, K / runs, TILE]. Each device
+    packs its own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of
+    each run of K; kernels
     packed together (`llama.FUSED_PROJECTIONS`) are sharded alike, so the first one's axes stand for all."""
     del swiglu
     axes = kernels[0]
 
     def sharded(names: tuple[str | None, ...]) -> str | None:
         return next((a for a in names if a is not None and mesh_axis(a) is not None), None)
-    return (axes[0], sharded(axes[1 + n_in:]), sharded(axes[1:1 + n_in]), None)
+    return (axes[0], None, sharded(axes[1 + n_in:]), sharded(axes[1:1 + n_in]), None)
 
 
 def serving_specs(config: Config, packed: bool = False) -> Params:
@@ -59,7 +60,7 @@ def serving_specs(config: Config, packed: bool = False) -> Params:
     layer_axes = axes.pop("layers")
     if packed:
         layer_axes = llama.pack_projections(layer_axes, _packed_axes)
-        axes["lm_head"] = {"packed": ("vocab", None, None)}
+        axes["lm_head"] = {"packed": (None, "vocab", None, None)}
     specs = jax.tree.map(logical_to_spec, axes, is_leaf=_is_axes)
     specs["layers"] = [jax.tree.map(logical_to_spec, layer_axes, is_leaf=_is_axes)] * (
         config.model.num_layers // config.mesh.pipeline)

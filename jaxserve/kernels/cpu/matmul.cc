@@ -1,10 +1,10 @@
-// y[M, N] = x[M, K] @ W for float32 weights pre-packed as [N / kTile, K, kTile].
+// y[M, N] = x[M, K] @ W for float32 weights pre-packed as [kStreams, N / kTile, ceil(K / kStreams), kTile].
 //
 // Why: decode multiplies a handful of rows by every weight of the model, so its speed is the speed at which the
 // weights stream from memory. XLA:CPU's small-M GEMM reads [K, N] weights at ~11 GB/s on a 2-core Zen 5 at 8 rows;
-// reading each kTile-column panel as one contiguous stream, with all rows of x accumulated in registers, reads
-// them at 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of
-// kRows rows, so prefill chunks stream the weights once too.
+// reading each kTile-column panel as contiguous runs, with all rows of x accumulated in registers, reads them at
+// 25-28 GB/s there (a jitted reduction streams 28-36 GB/s). A panel is reused from L2 for every group of kRows
+// rows, so prefill chunks stream the weights once too.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,10 +22,9 @@ namespace ffi = xla::ffi;
 //   use 28 of them. 64-column panels (32 accumulators) spill and read 19-26 GB/s at 8 rows on a 2-core Zen 5
 //   against 25-28 GB/s for 48.
 // - AVX2 (16 registers): 8-column panels, one register wide; 8 rows x 1 accumulator, 1 weight and 1 broadcast.
-//   Each panel is then one contiguous run and a thread's panels one long stream. On a 2-core Zen 3 VM a C++ chain
-//   of the 110M model's 8-row matmuls read 17-18 GB/s this way, against ~10.5 GB/s for 48-column panels done 2 rows
-//   at a time (4 passes over each panel, all that 16 registers allow at that width); decode_mbu.py's kernel chain
-//   went from 10.8 to 15.6-19.5 GB/s.
+//   On a 2-core Zen 3 VM a C++ chain of the 110M model's 8-row matmuls read 17-18 GB/s this way, against ~10.5
+//   GB/s for 48-column panels done 2 rows at a time (4 passes over each panel, all that 16 registers allow at that
+//   width); decode_mbu.py's kernel chain went from 10.8 to 15.6-19.5 GB/s.
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 48;
 #else
@@ -34,62 +33,80 @@ constexpr int64_t kTile = 8;
 constexpr int kVecs = kTile / kLanes;  // registers per row of a panel
 constexpr int kRows = 8;               // rows of x per pass
 
-// How the weights are read ahead of use. The order of the K sum changes with kStreams, not its terms.
-// - AVX-512: a panel's K rows as 4 interleaved runs, each prefetched 8 rows (1.5 KB) ahead. A core streaming one
-//   run waits on memory latency (a 2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight at ~11);
-//   there this took a chain of 8-row matmuls from 11.5 to 17.1 GB/s.
-// - AVX2: one run, prefetched 8 KB ahead, a line at a time. Without it the same Zen 3 VM read 13-14 GB/s: the time
-//   of the memory reads and of the FMAs added up, nothing overlapped. 1-2 KB ahead read ~16.5, 4-16 KB 17-18.
-#if defined(__AVX512F__)
+// How the weights are read. K is split into kStreams runs of kq = ceil(K / kStreams) rows, and run s of every panel
+// is stored in region s of the packed array, panel after panel: a thread doing panels [a, b) reads kStreams long
+// contiguous streams, one line of each in turn. The order of the K sum changes with kStreams, not its terms.
+// - One run per core is not what this memory does best: on a 2-core Zen 2 VM a bare read loop on both cores reads
+//   ~27 GB/s with one run each and ~36-40 with four. Runs inside one panel (this kernel's earlier layout) are too
+//   short to gain from it: 4 runs of 6 KB read less than one run prefetched 8 KB ahead. With four long runs, each
+//   prefetched 2 KB ahead, a JAX chain of the 110M model's 8-row matmuls read 24.3 and 20.8 GB/s against 21.8
+//   and 19.0 for one panel-long run prefetched 8 KB ahead (medians of 15, alternated in one process); 2 or 3 runs
+//   and 1-4 KB ahead were within the noise of it, 8 runs slower. At 1 row: 18.2 against 14.8 GB/s.
+// - AVX-512: each run prefetched 8 rows (1.5 KB) ahead. A core streaming one run waits on memory latency (a
+//   2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight at ~11); there 4 runs prefetched, inside
+//   each panel, took a chain of 8-row matmuls from 11.5 to 17.1 GB/s.
 constexpr int kStreams = 4;
+#if defined(__AVX512F__)
 constexpr int64_t kPrefetchBytes = 8 * kTile * 4;
 #else
-constexpr int kStreams = 1;
-constexpr int64_t kPrefetchBytes = 8192;
+constexpr int64_t kPrefetchBytes = 2048;
 #endif
 constexpr int64_t kRowBytes = kTile * 4;
 constexpr int64_t kRowsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;  // panel rows per 64-byte line
 static_assert(kRowBytes % 64 == 0 || 64 % kRowBytes == 0, "panel rows must tile cache lines");
 
-// x (one group of gather_rows' layout, [k][R]) @ one panel into y[R, kTile] (row stride ldy).
+// K rows of run s of a K-row matrix split into runs of kq: the last runs may be shorter, or empty.
+inline int64_t run_rows(int64_t k_size, int64_t kq, int s) { return std::clamp<int64_t>(k_size - s * kq, 0, kq); }
+
+// x (one group of gather_rows' layout, [k][R]) @ one panel into y[R, kTile] (row stride ldy). The panel's run s
+// starts at w + s * region.
 template <int R>
-inline void panel_rows(const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
+inline void panel_rows(const float* x, int64_t k_size, int64_t kq, const float* w, int64_t region, float* y,
+                       int64_t ldy) {
   vfloat acc[R][kVecs] = {};
-  const auto row = [&](int64_t k) {
-    const float* wk = w + k * kTile;
+  const auto row = [&](const float* wk, const float* xk) {
     vfloat wv[kVecs];
 #pragma GCC unroll 8
     for (int j = 0; j < kVecs; ++j) wv[j] = load(wk + j * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vfloat xr = splat(x[k * R + r]);
+      const vfloat xr = splat(xk[r]);
 #pragma GCC unroll 8
       for (int j = 0; j < kVecs; ++j) acc[r][j] += xr * wv[j];
     }
   };
-  // Rows k..k + kRowsPerLine - 1 start at a line boundary: prefetch the lines kPrefetchBytes past them, then do them.
-  const auto line = [&](int64_t k) {
-    const char* ahead = reinterpret_cast<const char*>(w + k * kTile) + kPrefetchBytes;
+  const float* ws[kStreams];
+  const float* xs[kStreams];
+  for (int s = 0; s < kStreams; ++s) {
+    ws[s] = w + s * region;
+    xs[s] = x + s * kq * R;
+  }
+  // All runs but the last hold kq rows: the last one's count is done by all in turn, a line of each at a time.
+  const int64_t common = run_rows(k_size, kq, kStreams - 1) / kRowsPerLine * kRowsPerLine;
+  for (int64_t i = 0; i < common; i += kRowsPerLine)
 #pragma GCC unroll 8
-    for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+    for (int s = 0; s < kStreams; ++s) {
+      if constexpr (kPrefetchBytes > 0) {
+        const char* ahead = reinterpret_cast<const char*>(ws[s] + i * kTile) + kPrefetchBytes;
 #pragma GCC unroll 8
-    for (int64_t i = 0; i < kRowsPerLine; ++i) row(k + i);
-  };
-  const int64_t run = k_size / (kStreams * kRowsPerLine) * kRowsPerLine;
-  for (int64_t i = 0; i < run; i += kRowsPerLine)
+        for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+      }
 #pragma GCC unroll 8
-    for (int s = 0; s < kStreams; ++s) line(s * run + i);
-  for (int64_t k = kStreams * run; k < k_size; ++k) row(k);
+      for (int64_t j = i; j < i + kRowsPerLine; ++j) row(ws[s] + j * kTile, xs[s] + j * R);
+    }
+  for (int s = 0; s < kStreams; ++s)
+    for (int64_t j = common; j < run_rows(k_size, kq, s); ++j) row(ws[s] + j * kTile, xs[s] + j * R);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kVecs; ++j) store(y + r * ldy + j * kLanes, acc[r][j]);
 }
 
 // panel_rows for any rows <= kRows.
 template <int R>
-void panel_tail(int rows, const float* x, int64_t k_size, const float* w, float* y, int64_t ldy) {
+void panel_tail(int rows, const float* x, int64_t k_size, int64_t kq, const float* w, int64_t region, float* y,
+                int64_t ldy) {
   if constexpr (R > 0) {
-    if (rows == R) return panel_rows<R>(x, k_size, w, y, ldy);
-    panel_tail<R - 1>(rows, x, k_size, w, y, ldy);
+    if (rows == R) return panel_rows<R>(x, k_size, kq, w, region, y, ldy);
+    panel_tail<R - 1>(rows, x, k_size, kq, w, region, y, ldy);
   }
 }
 
@@ -148,13 +165,15 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y, bool swiglu_pairs,
                         float eps) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K], w [panels, K, kTile], y [M, N]");
-  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: x must be [M, K], w [kStreams, panels, ceil(K / kStreams), kTile], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1], kq = (k + kStreams - 1) / kStreams;
   const int64_t per_out = swiglu_pairs ? 2 : 1;  // weight panels per output panel
-  if (wd[0] % per_out != 0) return ffi::Error::InvalidArgument("packed_matmul: swiglu needs an even panel count");
-  const int64_t out_panels = wd[0] / per_out;
-  if (wd[1] != k || wd[2] != kTile || yd[0] != m || n > out_panels * kTile || n <= (out_panels - 1) * kTile)
+  if (wd[1] % per_out != 0) return ffi::Error::InvalidArgument("packed_matmul: swiglu needs an even panel count");
+  const int64_t out_panels = wd[1] / per_out;
+  if (wd[0] != kStreams || wd[2] != kq || wd[3] != kTile || yd[0] != m || n > out_panels * kTile ||
+      n <= (out_panels - 1) * kTile)
     return ffi::Error::InvalidArgument("packed_matmul: shapes of x, w and y disagree");
   if (live.element_count() != 1) return ffi::Error::InvalidArgument("packed_matmul: live must hold one row count");
   const bool norm = norm_scale.element_count() != 0, add = residual.element_count() != 0;
@@ -167,26 +186,27 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   gather_rows(x.typed_data(), rows_live, k, norm ? norm_scale.typed_data() : nullptr, eps, gathered.data());
   const float* xp = gathered.data();
   const float* wp = w.typed_data();
+  const int64_t panel_size = kq * kTile, region = wd[1] * panel_size;
   const float* rp = add ? residual.typed_data() : nullptr;
   float* yp = y->typed_data();
   const int64_t chunks = std::min<int64_t>(out_panels, std::max<int64_t>(pool.num_threads(), 1));
   parallel_for(pool, chunks, [&](int64_t c) {
     alignas(64) float gate[kRows][kTile], prod[kRows][kTile];
     for (int64_t p = c * out_panels / chunks; p < (c + 1) * out_panels / chunks; ++p) {
-      const float* panel = wp + p * per_out * k * kTile;
+      const float* panel = wp + p * per_out * panel_size;
       const int64_t cols = std::min<int64_t>(kTile, n - p * kTile);
       for (int64_t r = 0; r < rows_live; r += kRows) {
         const int rows = static_cast<int>(rows_live - r < kRows ? rows_live - r : kRows);
         float* out = yp + r * n + p * kTile;
         if (swiglu_pairs) {
-          panel_tail<kRows>(rows, xp + r * k, k, panel, gate[0], kTile);
-          panel_tail<kRows>(rows, xp + r * k, k, panel + k * kTile, prod[0], kTile);
+          panel_tail<kRows>(rows, xp + r * k, k, kq, panel, region, gate[0], kTile);
+          panel_tail<kRows>(rows, xp + r * k, k, kq, panel + panel_size, region, prod[0], kTile);
           for (int i = 0; i < rows; ++i) swiglu(gate[i], prod[i], prod[i]);
         } else if (cols == kTile && !add) {
-          panel_tail<kRows>(rows, xp + r * k, k, panel, out, n);
+          panel_tail<kRows>(rows, xp + r * k, k, kq, panel, region, out, n);
           continue;
         } else {
-          panel_tail<kRows>(rows, xp + r * k, k, panel, prod[0], kTile);
+          panel_tail<kRows>(rows, xp + r * k, k, kq, panel, region, prod[0], kTile);
         }
         for (int i = 0; i < rows; ++i) {
           if (add) {
@@ -209,8 +229,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }  // namespace
 }  // namespace jaxserve
 
-// The panel width this build packs for: the python side packs weights with it (kernels.matmul.tile()).
+// The panel width and the number of K runs this build packs for: the python side packs weights with them
+// (kernels.matmul.tile() and streams()).
 extern "C" int jaxserve_matmul_tile() { return static_cast<int>(jaxserve::kTile); }
+extern "C" int jaxserve_matmul_streams() { return jaxserve::kStreams; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, jaxserve::PackedMatmul,
                               xla::ffi::Ffi::Bind()
