@@ -28,6 +28,17 @@ def test_packed_matmul_equals_a_float64_product(rows: int, k: int, n: int) -> No
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_packed_matmul_splits_a_wide_product_over_the_pool(rows: int) -> None:
+    """Enough ~128 KB pieces of panels (and a K that leaves the last run short) that every pool thread takes pieces
+    from its own range and, done early, from the back of another's: every column is still computed exactly once."""
+    rng = np.random.default_rng(rows)
+    x, w = rng.standard_normal((rows, 1030), np.float32), rng.standard_normal((1030, 3001), np.float32)
+    got = np.asarray(jax.jit(packed_matmul, static_argnums=2)(jnp.asarray(x), pack(jnp.asarray(w)), 3001))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_packed_matmul_keeps_leading_dims_and_runs_a_prefill_sized_chunk() -> None:
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 256, 96), np.float32), rng.standard_normal((96, 200), np.float32)

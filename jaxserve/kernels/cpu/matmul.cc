@@ -189,10 +189,11 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t panel_size = kq * kTile, region = wd[1] * panel_size;
   const float* rp = add ? residual.typed_data() : nullptr;
   float* yp = y->typed_data();
-  const int64_t chunks = std::min<int64_t>(out_panels, std::max<int64_t>(pool.num_threads(), 1));
-  parallel_for(pool, chunks, [&](int64_t c) {
+  // Pieces of ~128 KB of weights: small enough that the workers end close together, large enough to stay streams.
+  const int64_t grain = std::max<int64_t>(1, (128 << 10) / (per_out * k * kTile * 4));
+  parallel_ranges(pool, out_panels, grain, [&](int64_t first, int64_t last) {
     alignas(64) float gate[kRows][kTile], prod[kRows][kTile];
-    for (int64_t p = c * out_panels / chunks; p < (c + 1) * out_panels / chunks; ++p) {
+    for (int64_t p = first; p < last; ++p) {
       const float* panel = wp + p * per_out * panel_size;
       const int64_t cols = std::min<int64_t>(kTile, n - p * kTile);
       for (int64_t r = 0; r < rows_live; r += kRows) {
