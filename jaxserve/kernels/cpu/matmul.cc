@@ -41,7 +41,8 @@ constexpr int kRows = 8;               // rows of x per pass
 //   short to gain from it: 4 runs of 6 KB read less than one run prefetched 8 KB ahead. With four long runs, each
 //   prefetched 2 KB ahead, a JAX chain of the 110M model's 8-row matmuls read 24.3 and 20.8 GB/s against 21.8
 //   and 19.0 for one panel-long run prefetched 8 KB ahead (medians of 15, alternated in one process); 2 or 3 runs
-//   and 1-4 KB ahead were within the noise of it, 8 runs slower. At 1 row: 18.2 against 14.8 GB/s.
+//   and 1-4 KB ahead were within the noise of it, 8 runs slower. A single row is read without software prefetch:
+//   its loop is short enough for the core to run its loads far ahead (27.4 against 25.8 GB/s with it).
 // - AVX-512: each run prefetched 8 rows (1.5 KB) ahead. A core streaming one run waits on memory latency (a
 //   2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight at ~11); there 4 runs prefetched, inside
 //   each panel, took a chain of 8-row matmuls from 11.5 to 17.1 GB/s.
@@ -86,7 +87,7 @@ inline void panel_rows(const float* x, int64_t k_size, int64_t kq, const float* 
   for (int64_t i = 0; i < common; i += kRowsPerLine)
 #pragma GCC unroll 8
     for (int s = 0; s < kStreams; ++s) {
-      if constexpr (kPrefetchBytes > 0) {
+      if constexpr (kPrefetchBytes > 0 && R > 1) {
         const char* ahead = reinterpret_cast<const char*>(ws[s] + i * kTile) + kPrefetchBytes;
 #pragma GCC unroll 8
         for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64) __builtin_prefetch(ahead + b, 0, 3);
