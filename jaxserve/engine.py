@@ -303,6 +303,10 @@ class Engine:
         if t is None:
             return
         self.scheduler.abort(t.seq, self.cache)
+        # Out of the queues at once, so an engine that is idle holds nothing (the next plan would drop it as well,
+        # but a cancel that arrives after the last step has no next plan until another request comes).
+        self._waiting = [s for s in self._waiting if s is not t.seq]
+        self._running = [s for s in self._running if s is not t.seq]
         self._emit_final(t, "cancelled")
 
     def _release_queue_slot(self) -> None:
