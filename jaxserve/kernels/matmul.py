@@ -2,10 +2,10 @@
 
 A [K, N] weight is packed once, at load, into [streams(), N_padded / tile(), ceil(K / streams()), tile()]: panels of
 tile() columns, each split along K into streams() runs, run s of every panel in region s, so that a thread doing a
-range of panels reads streams() long contiguous runs (both numbers are the host build's, see `build.matmul_tile`);
-`packed_matmul` then computes x @ W for any number of rows. The logical N travels with the
-call so padding columns are never written. An MLP's gate and up weights can be packed together (`pack_swiglu`) so
-that one call computes silu(x @ gate) * (x @ up).
+range of panels reads streams() long contiguous runs (both numbers are the host build's, see `build.matmul_tile`
+and `build.matmul_streams`); `packed_matmul` then computes x @ W for any number of rows. The logical N travels with
+the call so padding columns are never written. An MLP's gate and up weights can be packed together
+(`pack_swiglu`) so that one call computes silu(x @ gate) * (x @ up).
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ def canonical_specs(config: Config) -> Params:
 def _packed_axes(kernels: list[tuple[str | None, ...]], n_in: int, swiglu: bool) -> tuple[str | None, ...]:
     """Logical axes of a packed kernel: [layers, *in, *out] -> [layers, runs, panels, K / runs, TILE]. Each device
     packs its own slice, so a sharded output axis becomes a split of the panels and a sharded input axis a split of
-    each run of K; kernels
-    packed together (`llama.FUSED_PROJECTIONS`) are sharded alike, so the first one's axes stand for all."""
+    each run of K; kernels packed together (`llama.FUSED_PROJECTIONS`) are sharded alike, so the first one's axes
+    stand for all."""
     del swiglu
     axes = kernels[0]
 

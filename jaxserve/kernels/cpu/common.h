@@ -11,8 +11,8 @@
 #include <string>
 #include <thread>
 #include <tuple>
-#include <utility>
 #include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -155,7 +155,8 @@ void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, Body 
   };
   auto state = std::make_shared<State>(workers);
   for (int64_t w = 0; w < workers; ++w)
-    state->ranges[w].ends = static_cast<uint64_t>(w * n / workers) << 32 | static_cast<uint64_t>((w + 1) * n / workers);
+    state->ranges[w].ends =
+        static_cast<uint64_t>(w * n / workers) << 32 | static_cast<uint64_t>((w + 1) * n / workers);
   // Takes up to `grain` items from the front (or back) of range w: [begin, end), empty when the range is.
   const auto take = [state, grain](int64_t w, bool front) {
     uint64_t ends = state->ranges[w].ends.load();

@@ -82,7 +82,8 @@ inline void panel_rows(const float* x, int64_t k_size, int64_t kq, const float* 
     ws[s] = w + s * region;
     xs[s] = x + s * kq * R;
   }
-  // All runs but the last hold kq rows: the last one's count is done by all in turn, a line of each at a time.
+  // The last run is the shortest: that many rows of every run are done in turn, a line of each at a time; then
+  // what the longer runs hold past it.
   const int64_t common = run_rows(k_size, kq, kStreams - 1) / kRowsPerLine * kRowsPerLine;
   for (int64_t i = 0; i < common; i += kRowsPerLine)
 #pragma GCC unroll 8
