@@ -122,6 +122,30 @@ inline void swiglu(const float* gate, const float* up, float* out) {
   }
 }
 
+// 8 floats, whatever the build's vector width: the 8 x 8 blocks of gather_rows.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
+inline void store8(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
+
+// v[r][j] -> v[j][r]: three rounds of two-register shuffles (pairs, quads, halves).
+inline void transpose8(v8 (&v)[8]) {
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  v8 a[8], b[8];
+  for (int p = 0; p < 4; ++p) {
+    a[2 * p] = __builtin_shuffle(v[2 * p], v[2 * p + 1], i8{0, 8, 2, 10, 4, 12, 6, 14});
+    a[2 * p + 1] = __builtin_shuffle(v[2 * p], v[2 * p + 1], i8{1, 9, 3, 11, 5, 13, 7, 15});
+  }
+  for (int q = 0; q < 2; ++q)
+    for (int o = 0; o < 2; ++o) {
+      b[4 * q + o] = __builtin_shuffle(a[4 * q + o], a[4 * q + 2 + o], i8{0, 1, 8, 9, 4, 5, 12, 13});
+      b[4 * q + 2 + o] = __builtin_shuffle(a[4 * q + o], a[4 * q + 2 + o], i8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = __builtin_shuffle(b[j], b[4 + j], i8{0, 1, 2, 3, 8, 9, 10, 11});
+    v[4 + j] = __builtin_shuffle(b[j], b[4 + j], i8{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
 // x's first `rows` rows [rows, k] into out as groups of kRows rows (the last may hold fewer, R), each [k][R]: a
 // pass then broadcasts x[r, k] for its R rows from one pointer at constant offsets. With R row pointers into
 // [rows, k] the AVX2 loop ran out of general registers and reloaded five of them from the stack every two k; a JAX
@@ -130,11 +154,14 @@ inline void swiglu(const float* gate, const float* up, float* out) {
 //
 // With `scale`, each row is first RMS-normalised, x * rsqrt(mean(x**2) + eps) * scale: the norm that precedes a
 // block's first projection, done here so that it is not an XLA op of its own between two kernel calls.
+//
+// A whole group of 8 rows is written 8 x 8 blocks at a time, each transposed in registers: the scalar strided
+// writes took 7.9 us for 8 rows of K = 2048 (C++, in cache), the blocks 1.1 us.
 void gather_rows(const float* x, int64_t rows, int64_t k, const float* scale, float eps, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * k;
-    float inv = 1.0f;
-    if (scale != nullptr) {
+  std::vector<float> inv(rows, 1.0f);
+  if (scale != nullptr)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * k;
       vfloat part[4] = {};
       int64_t i = 0;
       for (; i + 4 * kLanes <= k; i += 4 * kLanes)
@@ -143,11 +170,27 @@ void gather_rows(const float* x, int64_t rows, int64_t k, const float* scale, fl
       float sum = 0.0f;
       for (int j = 0; j < kLanes; ++j) sum += lanes[j];
       for (; i < k; ++i) sum += xr[i] * xr[i];
-      inv = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+      inv[r] = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
     }
-    const int64_t first = r / kRows * kRows, stride = std::min<int64_t>(rows - first, kRows);  // the group's R
-    float* at = out + first * k + (r - first);
-    for (int64_t i = 0; i < k; ++i) at[i * stride] = scale != nullptr ? xr[i] * inv * scale[i] : xr[i];
+  const auto value = [&](int64_t r, int64_t i) {
+    return scale != nullptr ? x[r * k + i] * inv[r] * scale[i] : x[r * k + i];
+  };
+  for (int64_t first = 0; first < rows; first += kRows) {
+    const int64_t group = std::min<int64_t>(rows - first, kRows);  // the group's R
+    float* at = out + first * k;
+    int64_t i = 0;
+    if (group == 8)
+      for (; i + 8 <= k; i += 8) {
+        v8 v[8];
+        for (int r = 0; r < 8; ++r) {
+          v[r] = load8(x + (first + r) * k + i);
+          if (scale != nullptr) v[r] = v[r] * inv[first + r] * load8(scale + i);
+        }
+        transpose8(v);
+        for (int j = 0; j < 8; ++j) store8(at + (i + j) * 8, v[j]);
+      }
+    for (; i < k; ++i)
+      for (int64_t r = 0; r < group; ++r) at[i * group + r] = value(first + r, i);
   }
 }
 
