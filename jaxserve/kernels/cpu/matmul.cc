@@ -179,7 +179,8 @@ void gather_rows(const float* x, int64_t rows, int64_t k, const float* scale, fl
     const int64_t group = std::min<int64_t>(rows - first, kRows);  // the group's R
     float* at = out + first * k;
     int64_t i = 0;
-    if (group == 8)
+    static_assert(kRows == 8, "whole groups are written as 8 x 8 blocks");
+    if (group == kRows)
       for (; i + 8 <= k; i += 8) {
         v8 v[8];
         for (int r = 0; r < 8; ++r) {
