@@ -120,6 +120,24 @@ def test_a_full_queue_refuses_more_requests(runner: Runner) -> None:
         engine.submit(Request("c", [1], SamplingOptions()), lambda _: None)
 
 
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_cancel_leaves_nothing_queued_or_running_before_any_next_step(runner: Runner, steps: int) -> None:
+    """Driven on this thread: a cancel handled after the last step (waiting, or running) must not wait for a next
+    plan to drop the sequence, since an idle engine makes none."""
+    engine = Engine(load_config("configs/tiny.toml", ["runner.warmup=false"]), runner, ByteTokenizer())
+    got = Collector()
+    engine._thread = threading.current_thread()  # submissions check the loop is alive
+    engine.submit(Request("c", [256, 5, 6], SamplingOptions(max_tokens=50, ignore_eos=True)), got.sink)
+    engine._drain_inbox(block=False)
+    for _ in range(steps):
+        engine.step()
+    assert (engine._running if steps else engine._waiting)
+    engine.cancel("c")
+    engine._drain_inbox(block=False)
+    assert got.final("c").finish_reason == "cancelled" and engine.num_unfinished == 0
+    assert not engine._running and not engine._waiting and engine.allocator.num_used == 0
+
+
 def test_shutdown_past_the_grace_period_cancels_what_is_left(runner: Runner) -> None:
     engine, got = started_engine(runner), Collector()
     for i in range(4):
