@@ -112,20 +112,22 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
+def _build_constant(symbol: str) -> int:
+    """An int the library exports as `int symbol(void)`: a layout constant its kernels were compiled with."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    return int(getattr(lib, symbol)())
+
+
 @functools.cache
 def matmul_tile() -> int:
     """Columns per packed weight panel in this host's build: the register tile depends on the vector width
     `-march=native` compiled for (see cpu/matmul.cc), so weights are packed to match the library, not a constant."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
-    return int(lib.jaxserve_matmul_tile())
+    return _build_constant("jaxserve_matmul_tile")
 
 
 @functools.cache
 def matmul_streams() -> int:
     """Runs each packed panel's K rows are split into in this host's build (see cpu/matmul.cc)."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
-    return int(lib.jaxserve_matmul_streams())
+    return _build_constant("jaxserve_matmul_streams")
