@@ -123,6 +123,37 @@ def test_long_contexts_match_dense_attention(head_dim: int, window: int) -> None
     np.testing.assert_allclose(_run(*problem, window=window), _reference(*problem, window), atol=2e-5, rtol=1e-5)
 
 
+def _placed(a: np.ndarray, offset: int) -> jax.Array:
+    """`a` on the CPU device at exactly `offset` bytes past a 4 KB boundary: device_put aliases a suitably aligned
+    numpy buffer instead of copying it, so the kernel reads the pool where it was put."""
+    buf = np.empty(a.size + 2048, a.dtype)
+    start = (-buf.ctypes.data % 4096 + offset) // a.itemsize
+    view = buf[start:start + a.size].reshape(a.shape)
+    view[...] = a
+    placed = jax.device_put(view)
+    assert placed.unsafe_buffer_pointer() % 4096 == offset, "device_put copied: the pool is not where it was put"
+    return placed
+
+
+@pytest.mark.parametrize(("head_dim", "page_size"), [(64, 16), (128, 8), (32, 16)])
+def test_the_same_output_wherever_the_pools_lie(head_dim: int, page_size: int) -> None:
+    """Keys of full pages are scored from the first one past a 4 KB boundary of memory, wrapping round (a head's
+    chunk of 4 KB, as for 64 x 16 and 128 x 8, usually straddles two): every offset gives the dense result, bit for
+    bit the same, windows starting inside pages included."""
+    rng = np.random.RandomState(head_dim + page_size)
+    positions = [3 * page_size - 1, 2 * page_size + 5, page_size, -1, 5 * page_size - 1]
+    q, k_pool, v_pool, table, pos = _problem(rng, positions, 3, 2, head_dim, page_size)
+    for window in (0, page_size + 3):
+        want = _reference(q, k_pool, v_pool, table, pos, window)
+        first = None
+        for offset in (0, 64, 1344, 2048, 4032):
+            out = np.asarray(paged_decode_attention(jnp.asarray(q), _placed(k_pool, offset), _placed(v_pool, offset),
+                                                    jnp.asarray(table), jnp.asarray(pos), window))
+            np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5, err_msg=f"pools at +{offset} B")
+            first = out if first is None else first
+            np.testing.assert_array_equal(out, first, err_msg=f"pools at +{offset} B against aligned pools")
+
+
 def test_padding_row_gives_zeros() -> None:
     problem = _problem(np.random.RandomState(0), [-1, 7, -1], 2, 2, 16, 4)
     got = _run(*problem, window=0)
