@@ -42,7 +42,8 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "jaxserve" / "kernels"
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernels build with: $CXX, else the first of g++, c++, clang++ on PATH."""
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
             return name
@@ -89,7 +90,7 @@ def _build(cxx: str) -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("JAXSERVE_CPU_KERNELS", "").lower() in ("0", "off", "false"):
         return None, "disabled by JAXSERVE_CPU_KERNELS"
-    cxx = _compiler()
+    cxx = compiler()
     if cxx is None:
         return None, "no C++ compiler found (set CXX)"
     try:
