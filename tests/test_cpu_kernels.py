@@ -142,8 +142,9 @@ def test_packed_matmul_refuses_panels_of_another_width_run_count_or_run_length()
         with pytest.raises(ValueError, match=f"{shape[0]} runs of panels of {shape[3]} columns, but this host's "
                                              f"kernels take {runs} of {tile()}"):
             packed_matmul(x, jnp.ones(shape, jnp.float32), tile())
-    with pytest.raises(ValueError, match=f"runs of {-(-9 // runs)} rows do not split K=8 into {runs}"):
-        packed_matmul(x, pack(jnp.ones((9, tile()), jnp.float32)), tile())
+    longer = 8 + runs  # packed for K + runs: runs one row longer than K=8 takes, whatever the run count
+    with pytest.raises(ValueError, match=f"runs of {-(-longer // runs)} rows do not split K=8 into {runs}"):
+        packed_matmul(x, pack(jnp.ones((longer, tile()), jnp.float32)), tile())
 
 
 def test_pack_projections_fuses_qkv_and_gate_up_and_keeps_biases() -> None:

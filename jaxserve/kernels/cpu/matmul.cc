@@ -45,8 +45,17 @@ constexpr int kRows = 8;               // rows of x per pass
 //   its loop is short enough for the core to run its loads far ahead (27.4 against 25.8 GB/s with it).
 // - AVX-512: each run prefetched 8 rows (1.5 KB) ahead. A core streaming one run waits on memory latency (a
 //   2-core Sapphire Rapids VM reads one run per core at ~7 GB/s, eight at ~11); there 4 runs prefetched, inside
-//   each panel, took a chain of 8-row matmuls from 11.5 to 17.1 GB/s.
+//   each panel, took a chain of 8-row matmuls from 11.5 to 17.1 GB/s. Six runs, on the same kind of VM: with both
+//   cores reading, 8-row matmuls of 768 x 3072 (benchmarks/kernel_vs_read.py, C++ outside XLA) ran at 0.846-0.857
+//   of the bandwidth probe's rate against 0.813-0.825 with four (three alternated runs of 40 rounds each; eight:
+//   0.64-0.89); a JAX chain of the 110M model's projections at 8 rows took 0.968 of the time with four (paired
+//   median of 80 alternated rounds). One core alone reads as fast with 4, 6 or 8 runs: the gain is the two
+//   cores' reads together.
+#if defined(__AVX512F__)
+constexpr int kStreams = 6;
+#else
 constexpr int kStreams = 4;
+#endif
 #if defined(__AVX512F__)
 constexpr int64_t kPrefetchBytes = 8 * kTile * 4;
 #else
