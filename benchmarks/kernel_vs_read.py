@@ -7,8 +7,9 @@ by side; matmul: the packed weights in the kernel's order, with its software pre
 (8 runs per thread, as decode_mbu.py's roofline) over as many bytes. Printed: median GB/s of each and the medians
 of the per-round ratios: read / kernel is what the kernel's own work costs over its access order, probe / read
 what that order costs against the best read. On a shared VM whose bandwidth drifts by 2x within seconds the ratios
-repeat far better than the timings (with `--threads 1`, to about 1%), so two versions of a kernel can be compared
-by running this once under each tree.
+repeat far better than the timings (with `--threads 1`, within ~2-4% from run to run; with both cores reading,
+which is what a decode step does, ~5%), so two versions of a kernel can be compared by running this under each
+tree, alternately.
 
     python benchmarks/kernel_vs_read.py attention --batch 8 --context 256
     python benchmarks/kernel_vs_read.py matmul --rows 8
