@@ -4,8 +4,9 @@
 // Why: on a shared VM the bandwidth drifts by 2x within seconds, so two timings taken minutes apart (or an A/B of
 // whole decode steps) cannot resolve a few percent. Within one round the kernel and the read of its bytes see the
 // same machine; their ratio is what the kernel's own work and access order cost, and it stays put when the
-// machine's speed does not. Both sides run on the same threads (std::thread, one claim counter), so the FFI pool's
-// wake-ups and XLA's dispatch are left out: what remains is the kernel's inner loop against memory.
+// machine's speed does not. Both sides run on the same std::threads (rows claimed from one counter, or one range
+// of panels each), so the FFI pool's wake-ups and XLA's dispatch are left out: what remains is the kernel's inner
+// loop against memory.
 //
 // Usage: kernel_vs_read attention BATCH CONTEXT KV_HEADS GROUPS HEAD_DIM PAGE_SIZE LAYERS OFFSET THREADS ROUNDS
 //        kernel_vs_read matmul ROWS K N MATRICES THREADS ROUNDS
@@ -91,7 +92,8 @@ int attention(char** argv) {
   std::vector<float> q(batch * heads * groups * dim, 0.01f), out(q.size());
   const std::vector<KeyRange> ranges(batch, KeyRange{0, keys - 1});
   // The read: per page, every head's keys side by side, then every head's values; one add per vector, the loops
-  // unrolled (with loop overhead per line the read itself runs ~10% slower: fewer lines fit the core's window).
+  // unrolled (with the head and vector loops left as runtime loops it read ~10% slower here). HEAD_DIM must be a
+  // multiple of the vector width (kernel_vs_read.py checks).
   const auto read_row = [&](int64_t l, int64_t b) {
     with_vectors_per_dim(dim, [&](auto nv) {
       constexpr int NV = decltype(nv)::value > 0 ? decltype(nv)::value : 1;

@@ -3,7 +3,7 @@
 Builds `kernel_vs_read.cc` against the repository's kernel sources (jaxserve/kernels/cpu, the same flags as
 jaxserve.kernels.build) and runs it. Each round times, on the same threads and outside XLA: the kernel over its
 working set; a bare read of that working set (decode attention: every row's pages, keys then values, heads side
-by side; matmul: the packed weights in the kernel's order, with its software prefetch); and the bandwidth probe
+by side; matmul: the packed weights in the kernel's order, one software prefetch per panel row); and the probe
 (8 runs per thread, as decode_mbu.py's roofline) over as many bytes. Printed: median GB/s of each and the medians
 of the per-round ratios: read / kernel is what the kernel's own work costs over its access order, probe / read
 what that order costs against the best read. On a shared VM whose bandwidth drifts by 2x within seconds the ratios
@@ -61,6 +61,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("say which kernel: attention or matmul")
     kind = argv[1]
     if kind == "attention":
+        if FLAGS.head_dim % 16 != 0:
+            raise app.UsageError(f"--head_dim={FLAGS.head_dim}: the read covers whole vectors, so it must be a "
+                                 "multiple of 16")
         args = [FLAGS.batch, FLAGS.context, FLAGS.kv_heads, FLAGS.groups, FLAGS.head_dim, FLAGS.page_size,
                 FLAGS.layers, FLAGS.offset]
     else:
@@ -82,6 +85,7 @@ def main(argv: list[str]) -> None:
           f"probe (8 runs per thread) {statistics.median(probe):.1f}")
     print(f"  per round: read / kernel {ratio(read, kernel)}; probe / read {ratio(probe, read)}; "
           f"kernel / probe {ratio(kernel, probe)}")
+
 
 if __name__ == "__main__":
     app.run(main)

@@ -36,3 +36,10 @@ def test_without_a_kernel_named_it_says_which_to_choose() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "attention or matmul" in done.stderr
+
+
+def test_a_head_dim_the_read_cannot_cover_is_refused_with_why() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "attention", "--head_dim=40"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "--head_dim=40" in done.stderr and "multiple of 16" in done.stderr

@@ -48,8 +48,8 @@ constexpr int kRows = 8;               // rows of x per pass
 //   each panel, took a chain of 8-row matmuls from 11.5 to 17.1 GB/s. Six runs, on the same kind of VM: with both
 //   cores reading, 8-row matmuls of 768 x 3072 (benchmarks/kernel_vs_read.py, C++ outside XLA) ran at 0.846-0.857
 //   of the bandwidth probe's rate against 0.813-0.825 with four (three alternated runs of 40 rounds each; eight:
-//   0.64-0.89); a JAX chain of the 110M model's projections at 8 rows took 0.968 of the time with four (paired
-//   median of 80 alternated rounds). One core alone reads as fast with 4, 6 or 8 runs: the gain is the two
+//   0.64-0.89); in a JAX chain of the 110M model's projections at 8 rows six runs took 0.968 of four's time
+//   (paired median of 80 alternated rounds). One core alone reads as fast with 4, 6 or 8 runs: the gain is the two
 //   cores' reads together.
 #if defined(__AVX512F__)
 constexpr int kStreams = 6;
