@@ -112,7 +112,7 @@ inline float dot(const float* a, const float* __restrict b, int64_t d) {
 // - AVX2 builds (tuned on a 2-core Zen 3 VM): one chunk after another. There 12 chained calls at 8 rows x 257 keys
 //   took 9.2 ms this way against 11.2 ms side by side (alternated, medians of 12); merely touching every line in
 //   the side-by-side order took as long as the whole kernel. Software prefetch of the next chunk or page, per key or
-//   in bursts, measured slower on both machines.
+//   in bursts, measured slower there; side by side, a fixed distance ahead per stream gains (kAheadKeys).
 #if defined(__AVX512F__)
 constexpr bool kHeadsSideBySide = true;
 #else
@@ -123,6 +123,25 @@ constexpr bool kHeadsSideBySide = false;
 // half the (AVX-512) registers; else one.
 template <int NV>
 constexpr int kRowsTogether = kHeadsSideBySide && NV > 0 ? (16 / NV > 0 ? 16 / NV : 1) : 1;
+
+// Side by side, every stream (a head's keys, then a group of heads' values, then the next page's keys) is
+// prefetched kAheadKeys keys ahead of its reads, one prefetch per line. Why: the loads of a score or value loop
+// carry several times the instructions of a bare read, so the core's out-of-order window holds fewer lines in
+// flight, and each 4 KB head chunk is a fresh stream the hardware prefetcher must first detect. On the 2-core
+// Sapphire Rapids VM (benchmarks/kernel_vs_read.py, 8 rows x 257 keys x 12 heads, alternated runs of 30 rounds)
+// the kernel read 1.11-1.12x slower than a bare read of its pages on one core against 1.26x without it (kernel /
+// probe 0.87-0.89 against 0.77-0.78), and 1.12-1.16x against 1.23-1.29x on both; 2 and 3 keys ahead were as
+// good, 6 and 8 worse.
+constexpr int64_t kAheadKeys = 4;
+
+// Software prefetch of one key or value row of d floats into L1, a 64-byte line at a time. It and the lambdas that
+// call it are always inlined: to GCC a function that only prefetches has no effects, and GCC 12 (-O1 and above)
+// deleted the calls it had not inlined, prefetches and all.
+#define JAXSERVE_ALWAYS_INLINE __attribute__((always_inline))
+inline JAXSERVE_ALWAYS_INLINE void prefetch_row(const float* row, int64_t d) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t i = 0; i < d; i += kLine) __builtin_prefetch(row + i, 0, 3);
+}
 
 // scores[j] = q . k[j] for j < n (one head's keys, D apart), four keys at a time: four independent FMA chains in
 // flight and q held in registers, instead of one dot's latency after another (on the Zen 3 VM a chain of calls
@@ -145,29 +164,37 @@ inline void head_scores(const float* q, const float* k, int64_t n, int64_t d, fl
   for (; j < n; ++j) scores[j] = dot<NV>(q, k + j * d, d);
 }
 
+// A no-op per-key hook for accumulate.
+inline void no_prefetch(int64_t) {}
+
 // For each of R query rows r: acc[r][0:d] = acc[r] * rescale[r] + sum_j w[r][j] * v[r][j, 0:d]. The R rows' value
 // runs (one per KV head, or shared within a group) are read side by side, R streams in flight instead of one.
-template <int NV, int R>
+// ahead(j) runs before key j's values are added (the side-by-side order's software prefetch).
+template <int NV, int R, typename Ahead = void (*)(int64_t)>
 inline void accumulate(const float* const* w, const float* const* v, int64_t n, const float* rescale,
-                       float* const* acc, int64_t d) {
+                       float* const* acc, int64_t d, Ahead ahead = no_prefetch) {
   if constexpr (NV > 0) {
     vfloat a[R][NV];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < NV; ++i) a[r][i] = load(acc[r] + i * kLanes) * rescale[r];
-    for (int64_t j = 0; j < n; ++j)
+    for (int64_t j = 0; j < n; ++j) {
+      ahead(j);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const vfloat wj = splat(w[r][j]);
 #pragma GCC unroll 8
         for (int i = 0; i < NV; ++i) a[r][i] += wj * load(v[r] + j * NV * kLanes + i * kLanes);
       }
+    }
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < NV; ++i) store(acc[r] + i * kLanes, a[r][i]);
   } else {
     for (int r = 0; r < R; ++r) {
       for (int64_t i = 0; i < d; ++i) acc[r][i] *= rescale[r];
-      for (int64_t j = 0; j < n; ++j)
+      for (int64_t j = 0; j < n; ++j) {
+        if (r == 0) ahead(j);
         for (int64_t i = 0; i < d; ++i) acc[r][i] += w[r][j] * v[r][j * d + i];
+      }
     }
   }
 }
@@ -227,9 +254,10 @@ inline int64_t boundary_key(const float* chunk, int64_t keys, int64_t d) {
 // Attention of row b's query heads for KV heads [h0, h1) over keys [keys.first, keys.last], written to out[b].
 // The heads of a block are visited together for each page: their K (and V) chunks are adjacent in the pool, so a
 // page is two contiguous runs (keys, then values), read in the order kHeadsSideBySide says; one head after another,
-// a page's scores are computed together with the previous page's values (scores_and_values). Software prefetch of
-// the row's next page (1.4x on a Zen 5 with one stream) cost 20-30% on the Sapphire Rapids VM on top of the
-// streams: its requests hold the core's few line-fill buffers that demand loads need.
+// a page's scores are computed together with the previous page's values (scores_and_values). Side by side, each
+// stream is prefetched a few keys ahead (kAheadKeys). Prefetch of the row's whole next page in a burst (1.4x on a
+// Zen 5 with one stream) cost 20-30% on the Sapphire Rapids VM on top of the streams: its requests hold the core's
+// few line-fill buffers that demand loads need.
 template <int NV>
 void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) {
   const int64_t rows = (h1 - h0) * p.groups, d = p.dim, ps = p.page_size;  // rows: query heads of the block
@@ -290,12 +318,28 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
     return factor;
   };
   if constexpr (kHeadsSideBySide) {
-    for (int64_t c = keys.first / ps; c <= keys.last / ps; ++c) {
-      const auto [j0, n, k, v] = page(c);
-      const int64_t first = n == ps ? boundary_key(k, ps, d) : 0;  // keys scored from there, then wrapping
+    const int64_t heads = h1 - h0, last = keys.last / ps;
+    // The page's keys in the order they are scored: from the boundary key (full pages), wrapping round.
+    const auto first_key = [&](const Page& pg) { return pg.n == ps ? boundary_key(pg.k, ps, d) : 0; };
+    const auto scored = [](const Page& pg, int64_t first, int64_t s) {
+      return pg.j0 + (first + s < pg.n ? first + s : first + s - pg.n);
+    };
+    // Key (or value) j of every head of the block.
+    const auto prefetch_heads = [&](const float* kv, int64_t j) JAXSERVE_ALWAYS_INLINE {
+      for (int64_t h = 0; h < heads; ++h) prefetch_row(kv + (h * ps + j) * d, d);
+    };
+    for (int64_t c = keys.first / ps; c <= last; ++c) {
+      const Page pg = page(c);
+      const int64_t j0 = pg.j0, n = pg.n;
+      const float *k = pg.k, *v = pg.v;
+      const int64_t first = first_key(pg);
       for (int64_t s = 0; s < n; ++s) {
-        const int64_t j = j0 + (first + s < n ? first + s : first + s - n);
-        for (int64_t h = 0; h < h1 - h0; ++h)
+        if (s + kAheadKeys < n)
+          prefetch_heads(k, scored(pg, first, s + kAheadKeys));
+        else if (s + kAheadKeys - n < n)  // past the keys: the page's first values, read next
+          prefetch_heads(v, j0 + s + kAheadKeys - n);
+        const int64_t j = scored(pg, first, s);
+        for (int64_t h = 0; h < heads; ++h)
           for (int64_t r = h * p.groups; r < (h + 1) * p.groups; ++r)
             scores[r * ps + j - j0] = dot<NV>(query + r * d, k + (h * ps + j) * d, d);
       }
@@ -303,11 +347,25 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
         rescale[r] = fold(r, scores + r * ps, n);
         values[r] = v + (r / p.groups * ps + j0) * d;
       }
+      // The values, R rows at a time: each group prefetches its own rows ahead; the last, past its values, the
+      // next page's first keys. (A group's first values were prefetched with the keys.)
+      const Page next = c < last ? page(c + 1) : Page{0, 0, nullptr, nullptr};
+      const int64_t next_first = c < last ? first_key(next) : 0;
       constexpr int R = kRowsTogether<NV>;
+      const auto ahead_of = [&](int64_t r0, int64_t r1) {
+        return [&, r0, r1](int64_t j) JAXSERVE_ALWAYS_INLINE {
+          if (j + kAheadKeys < n) {
+            for (int64_t r = r0; r < r1; ++r) prefetch_row(values[r] + (j + kAheadKeys) * d, d);
+          } else if (r1 == rows && j + kAheadKeys - n < next.n) {
+            prefetch_heads(next.k, scored(next, next_first, j + kAheadKeys - n));
+          }
+        };
+      };
       int64_t r = 0;
       for (; r + R <= rows; r += R)
-        accumulate<NV, R>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
-      for (; r < rows; ++r) accumulate<NV, 1>(&weights[r], &values[r], n, rescale + r, &accs[r], d);
+        accumulate<NV, R>(&weights[r], &values[r], n, rescale + r, &accs[r], d, ahead_of(r, r + R));
+      for (; r < rows; ++r)
+        accumulate<NV, 1>(&weights[r], &values[r], n, rescale + r, &accs[r], d, ahead_of(r, r + 1));
     }
   } else {
     // Two score buffers: this page's scores are written while the previous page's weights are read.
