@@ -130,8 +130,8 @@ constexpr int kRowsTogether = kHeadsSideBySide && NV > 0 ? (16 / NV > 0 ? 16 / N
 // flight, and each 4 KB head chunk is a fresh stream the hardware prefetcher must first detect. On the 2-core
 // Sapphire Rapids VM (benchmarks/kernel_vs_read.py, 8 rows x 257 keys x 12 heads, alternated runs of 30 rounds)
 // the kernel read 1.11-1.12x slower than a bare read of its pages on one core against 1.26x without it (kernel /
-// probe 0.87-0.89 against 0.77-0.78), and 1.12-1.16x against 1.23-1.29x on both; 2 and 3 keys ahead were as
-// good, 6 and 8 worse.
+// probe 0.87-0.89 against 0.77-0.78), and 1.14-1.17x against 1.23-1.29x on both; inside XLA 12 chained calls took
+// 0.89-0.90 of the time. 2 and 3 keys ahead were as good, 6 and 8 no better (6: 1.034 of 4's time inside XLA).
 constexpr int64_t kAheadKeys = 4;
 
 // Software prefetch of one key or value row of d floats into L1, a 64-byte line at a time. It and the lambdas that
