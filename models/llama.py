@@ -213,19 +213,23 @@ class Attention(nn.Module):
             return Projection((d,), (heads, hd), ("embed",), (axis, "head_dim"), cfg.attention_bias, dtype, pdtype,
                               name=name)(x, live)
 
-        if self.has_variable("params", "qkv_proj"):
-            q, k, v = self._fused_qkv(x, live, fused)
+        b, t = x.shape[:2]
+        heads = (loc.num_heads, loc.num_kv_heads, loc.num_kv_heads)
+        packed = self.has_variable("params", "qkv_proj")
+        if packed:
+            qkv = self._packed_qkv(x, live, fused)  # [B, T, Hq + 2 Hkv, D]
         else:
             q = proj("q_proj", loc.num_heads, "heads")  # [B, T, Hq, D]
             k = proj("k_proj", loc.num_kv_heads, "kv_heads")  # [B, T, Hkv, D]
             v = proj("v_proj", loc.num_kv_heads, "kv_heads")
-        b, t = x.shape[:2]
         groups = loc.num_heads // loc.num_kv_heads
         if self.cpu_kernels and t == 1:  # RoPE and the pool writes inside the attention kernel's call
             out, k_pool, v_pool = paged_decode_attention_write(
-                q.reshape(b, t, loc.num_kv_heads, groups, hd), k, v, step.cos, step.sin, kv[0], kv[1],
+                qkv if packed else jnp.concatenate([q, k, v], axis=2), step.cos, step.sin, kv[0], kv[1],
                 step.block_table, step.positions, step.slots, cfg.sliding_window)
         else:
+            if packed:
+                q, k, v = jnp.split(qkv, np.cumsum(heads[:-1]), axis=2)
             lead = kv[0].shape[:-4]  # the runner's stage axis of 1, if the pools carry it
             q = apply_rope(q, step.cos, step.sin)
             k = apply_rope(k, step.cos, step.sin)
@@ -239,21 +243,18 @@ class Attention(nn.Module):
                        name="o_proj")(out, live, None if fused is None else fused.residual)
         return y, (k_pool, v_pool)
 
-    def _fused_qkv(self, x: jax.Array, live: jax.Array, fused: FusedBlock | None
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v from the packed `qkv_proj` (see `pack_projections`) in one CPU matmul call, plus any biases."""
+    def _packed_qkv(self, x: jax.Array, live: jax.Array, fused: FusedBlock | None) -> jax.Array:
+        """q, k and v heads side by side, [B, T, Hq + 2 Hkv, D], from the packed `qkv_proj` (see
+        `pack_projections`) in one CPU matmul call, plus any biases."""
         loc, hd = self.local, self.cfg.head_dim
-        heads = (loc.num_heads, loc.num_kv_heads, loc.num_kv_heads)
-        y = packed_matmul(x, self.get_variable("params", "qkv_proj")["packed"], sum(heads) * hd, live,
+        heads = loc.num_heads + 2 * loc.num_kv_heads
+        y = packed_matmul(x, self.get_variable("params", "qkv_proj")["packed"], heads * hd, live,
                           norm_scale=None if fused is None else fused.norm_scale, eps=self.cfg.rms_norm_eps)
-        parts = jnp.split(y, np.cumsum(heads[:-1]) * hd, axis=-1)
-        out = []
-        for name, h, part in zip(("q_proj", "k_proj", "v_proj"), heads, parts, strict=True):
-            part = part.reshape(*x.shape[:-1], h, hd)
-            if self.cfg.attention_bias:
-                part = part + self.get_variable("params", name)["bias"]
-            out.append(part)
-        return tuple(out)
+        y = y.reshape(*x.shape[:-1], heads, hd)
+        if self.cfg.attention_bias:
+            y = y + jnp.concatenate([self.get_variable("params", name)["bias"]
+                                     for name in ("q_proj", "k_proj", "v_proj")])
+        return y
 
 
 class MLP(nn.Module):

@@ -246,6 +246,13 @@ def _write_problem(seed: int, positions: list[int], kv_heads: int, groups: int, 
     return q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots
 
 
+def _packed(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray) -> jax.Array:
+    """q [B, 1, Hkv, G, D], k_new and v_new [B, 1, Hkv, D] as the packed projection gives them: [B, 1, Hkv * (G + 2),
+    D]."""
+    b, _, h, g, d = q.shape
+    return jnp.concatenate([jnp.asarray(q).reshape(b, 1, h * g, d), jnp.asarray(k_new), jnp.asarray(v_new)], axis=2)
+
+
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize(("kv_heads", "groups", "head_dim", "page_size"), [(2, 1, 16, 4), (3, 4, 64, 16),
                                                                         (12, 1, 64, 16), (5, 2, 24, 8)])
@@ -268,7 +275,8 @@ def test_decode_write_equals_rope_scatter_then_attention(kv_heads: int, groups: 
 
     args = tuple(map(jnp.asarray, (q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots)))
     want = jax.jit(xla_path)(*args)
-    got = jax.jit(lambda *a: paged_decode_attention_write(*a, window), donate_argnums=(5, 6))(*args)
+    packed = (_packed(*args[:3]), *args[3:])
+    got = jax.jit(lambda *a: paged_decode_attention_write(*a, window), donate_argnums=(3, 4))(*packed)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5, rtol=1e-5)
     real = np.asarray(positions) >= 0
     assert np.all(np.asarray(got[0])[~real] == 0)
@@ -283,23 +291,26 @@ def test_decode_write_equals_rope_scatter_then_attention(kv_heads: int, groups: 
 def test_decode_write_refuses_a_slot_outside_the_pools_and_bad_shapes() -> None:
     q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots = map(
         jnp.asarray, _write_problem(5, [3, -1, 9], 2, 1, 16, 4))
+    qkv = _packed(q, k_new, v_new)
     with pytest.raises(Exception, match=r"slots\[2\] = 1000000 is outside \[0, "):
         jax.block_until_ready(paged_decode_attention_write(
-            q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots.at[2, 0].set(1_000_000)))
+            qkv, cos, sin, k_pool, v_pool, table, pos, slots.at[2, 0].set(1_000_000)))
     # a padding row's slot is never written, so any value is accepted there
-    jax.block_until_ready(paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos,
+    jax.block_until_ready(paged_decode_attention_write(qkv, cos, sin, k_pool, v_pool, table, pos,
                                                        slots.at[1, 0].set(-5)))
-    with pytest.raises(ValueError, match=r"k_new must be \[B, 1, Hkv, D\]"):
-        paged_decode_attention_write(q, k_new[:, :, :1], v_new, cos, sin, k_pool, v_pool, table, pos, slots)
+    with pytest.raises(ValueError, match=r"qkv must be \[B, 1, Hkv \* \(G \+ 2\), D\] with the pools' Hkv = 2"):
+        paged_decode_attention_write(qkv[:, :, :-1], cos, sin, k_pool, v_pool, table, pos, slots)
+    with pytest.raises(ValueError, match=r"qkv must be"):
+        paged_decode_attention_write(qkv[:, :, :4], cos, sin, k_pool, v_pool, table, pos, slots)  # no query heads
     with pytest.raises(ValueError, match=r"cos must be \[B, 1, D\]"):
-        paged_decode_attention_write(q, k_new, v_new, cos[..., :8], sin, k_pool, v_pool, table, pos, slots)
+        paged_decode_attention_write(qkv, cos[..., :8], sin, k_pool, v_pool, table, pos, slots)
     with pytest.raises(ValueError, match=r"slots must be \[B=3, 1\]"):
-        paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots[:, 0])
+        paged_decode_attention_write(qkv, cos, sin, k_pool, v_pool, table, pos, slots[:, 0])
     with pytest.raises(ValueError, match="5-d pools must lead with a stage axis of 1"):
-        paged_decode_attention_write(q, k_new, v_new, cos, sin, jnp.stack([k_pool] * 2), jnp.stack([v_pool] * 2),
-                                     table, pos, slots)
-    out, k5, v5 = paged_decode_attention_write(q, k_new, v_new, cos, sin, k_pool[None], v_pool[None], table, pos,
+        paged_decode_attention_write(qkv, cos, sin, jnp.stack([k_pool] * 2), jnp.stack([v_pool] * 2), table, pos,
+                                     slots)
+    out, k5, v5 = paged_decode_attention_write(qkv, cos, sin, k_pool[None], v_pool[None], table, pos,
                                                slots)  # the runner's per-device pools, stage axis kept
     assert k5.shape == (1, *k_pool.shape) and v5.shape == (1, *v_pool.shape)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(paged_decode_attention_write(
-        q, k_new, v_new, cos, sin, k_pool, v_pool, table, pos, slots)[0]))
+        qkv, cos, sin, k_pool, v_pool, table, pos, slots)[0]))

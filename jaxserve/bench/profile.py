@@ -2,7 +2,7 @@
 
 A trace names each XLA op it timed (`ffi_call.67`, `wrapped_scatter.3`) and the module it ran in; the optimised
 HLO of that module says what the op is (`op_name` metadata: the Flax module path, e.g.
-`DecoderLayer/attention/attn/attn._fused_qkv/ffi_call`, and a custom call's target). Pure functions of the trace
+`DecoderLayer/attention/attn/attn._packed_qkv/ffi_call`, and a custom call's target). Pure functions of the trace
 events and the HLO text: no JAX, no clocks.
 """
 

@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array, positions: jax.Array,
-           sliding_window: int) -> None:
+def _check(q_shape: tuple[int, ...], k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
+           positions: jax.Array, sliding_window: int) -> None:
     """Validates what every attention kernel takes (q [B, T, Hkv, G, D], rank checked by the caller)."""
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D], got {k_pool.shape} and "
                          f"{v_pool.shape}")
     if k_pool.dtype != jnp.float32 or v_pool.dtype != jnp.float32:
         raise ValueError(f"k_pool and v_pool must be float32, got {k_pool.dtype} and {v_pool.dtype}")
-    b, t, h, _, d = q.shape
+    b, t, h, _, d = q_shape
     if (k_pool.shape[1], k_pool.shape[3]) != (h, d):
         raise ValueError(f"pools' Hkv and D {k_pool.shape[1], k_pool.shape[3]} differ from q's {h, d}")
     if block_table.ndim != 2 or block_table.shape[0] != b:
@@ -35,7 +35,7 @@ def _check(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.
 def _call(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
           positions: jax.Array, sliding_window: int) -> jax.Array:
     """Validates the operands and calls `target`, a decode or prefill attention kernel."""
-    _check(q, k_pool, v_pool, block_table, positions, sliding_window)
+    _check(q.shape, k_pool, v_pool, block_table, positions, sliding_window)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_pool, v_pool, block_table.astype(jnp.int32), positions.astype(jnp.int32),
                sliding_window=np.int32(sliding_window))
@@ -68,9 +68,7 @@ def paged_decode_attention(
 
 
 def paged_decode_attention_write(
-    q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
+    qkv: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
     k_pool: jax.Array,
@@ -82,43 +80,46 @@ def paged_decode_attention_write(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`paged_decode_attention` for a step whose keys and values are not in the pools yet, in one call.
 
-    q: [B, 1, Hkv, G, D] and k_new, v_new: [B, 1, Hkv, D] as the projections give them, before RoPE; cos, sin:
-    [B, 1, D] RoPE tables (half-split convention, as `models.llama.apply_rope`); slots: [B, 1] flat pool slot
-    (page * page_size + offset) of each row's new key. The call applies RoPE to q and k_new, writes k_new and v_new
-    at their slots (padding rows, position -1, write nothing) and attends. Returns (out, k_pool, v_pool): the
-    pools updated in place (aliased), as XLA's scatter into a donated pool would leave them. A slot outside the
-    pools for a real row fails the call (InvalidArgument), like a bad page id.
+    qkv: [B, 1, Hkv * (G + 2), D], the q/k/v projections' output as the packed projection gives it, before RoPE:
+    each row's Hkv * G query heads (KV head-major, as q's [Hkv, G]), then its Hkv keys, then its Hkv values (Hkv
+    from the pools). cos, sin: [B, 1, D] RoPE tables (half-split convention, as `models.llama.apply_rope`); slots:
+    [B, 1] flat pool slot (page * page_size + offset) of each row's new key. The call applies RoPE to the queries
+    and keys, writes the keys and values at their slots (padding rows, position -1, write nothing) and attends.
+    Returns (out [B, 1, Hkv, G, D], k_pool, v_pool): the pools updated in place (aliased), as XLA's scatter into a
+    donated pool would leave them. A slot outside the pools for a real row fails the call (InvalidArgument), like a
+    bad page id.
 
     The pools may also be [1, num_pages, Hkv, page_size, D], the runner's per-device pools with their stage axis,
     and come back so. Why: given a squeeze of a donated pool, XLA copies the whole pool before an in-place call
     (a 1.1 s bench-110m step instead of ~30 ms), where it updates the pool itself in place for a scatter.
     """
-    if q.ndim != 5 or q.shape[1] != 1:
-        raise ValueError(f"q must be [B, 1, Hkv, G, D], got shape {q.shape}")
-    b, _, h, _, d = q.shape
-    for name, a in (("k_new", k_new), ("v_new", v_new)):
-        if a.shape != (b, 1, h, d):
-            raise ValueError(f"{name} must be [B, 1, Hkv, D] = {(b, 1, h, d)}, got shape {a.shape}")
+    if k_pool.ndim == 5 and k_pool.shape[0] != 1:
+        raise ValueError(f"5-d pools must lead with a stage axis of 1, got shape {k_pool.shape}")
+    if k_pool.ndim not in (4, 5) or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [num_pages, Hkv, page_size, D] (optionally with a stage "
+                         f"axis of 1), got {k_pool.shape} and {v_pool.shape}")
+    h, d = k_pool.shape[-3], k_pool.shape[-1]
+    if qkv.ndim != 4 or qkv.shape[1] != 1 or qkv.shape[3] != d or qkv.shape[2] % h or qkv.shape[2] < 3 * h:
+        raise ValueError(f"qkv must be [B, 1, Hkv * (G + 2), D] with the pools' Hkv = {h} and D = {d}, got shape "
+                         f"{qkv.shape}")
+    b, groups = qkv.shape[0], qkv.shape[2] // h - 2
     for name, a in (("cos", cos), ("sin", sin)):
         if a.shape != (b, 1, d):
             raise ValueError(f"{name} must be [B, 1, D] = {(b, 1, d)}, got shape {a.shape}")
     if slots.shape != (b, 1):
         raise ValueError(f"slots must be [B={b}, 1], got shape {slots.shape}")
-    if k_pool.ndim == 5 and k_pool.shape[0] != 1:
-        raise ValueError(f"5-d pools must lead with a stage axis of 1, got shape {k_pool.shape}")
-    _check(q, k_pool.reshape(k_pool.shape[-4:]), v_pool.reshape(v_pool.shape[-4:]), block_table, positions,
-           sliding_window)
-    if k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} and {v_pool.shape}")
+    out_shape = (b, 1, h, groups, d)
+    _check(out_shape, k_pool.reshape(k_pool.shape[-4:]),
+           v_pool.reshape(v_pool.shape[-4:]), block_table, positions, sliding_window)
     pool = jax.ShapeDtypeStruct(k_pool.shape, jnp.float32)
     call = jax.ffi.ffi_call("jaxserve_paged_decode_attention_write",
-                            (jax.ShapeDtypeStruct(q.shape, jnp.float32), pool, pool),
-                            input_output_aliases={5: 1, 6: 2})
+                            (jax.ShapeDtypeStruct(out_shape, jnp.float32), pool, pool),
+                            input_output_aliases={3: 1, 4: 2})
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    out, k_pool, v_pool = call(f32(q), f32(k_new), f32(v_new), f32(cos), f32(sin), k_pool, v_pool,
-                               block_table.astype(jnp.int32), positions.astype(jnp.int32), slots.astype(jnp.int32),
+    out, k_pool, v_pool = call(f32(qkv), f32(cos), f32(sin), k_pool, v_pool, block_table.astype(jnp.int32),
+                               positions.astype(jnp.int32), slots.astype(jnp.int32),
                                sliding_window=np.int32(sliding_window))
-    return out.astype(q.dtype), k_pool, v_pool
+    return out.astype(qkv.dtype), k_pool, v_pool
 
 
 def paged_prefill_attention(

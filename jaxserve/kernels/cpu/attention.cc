@@ -33,14 +33,16 @@ inline float hsum(vfloat v) {
 }
 
 struct Problem {
-  const float* q;          // [B, Hkv, G, D]
+  const float* q;          // row b's [Hkv, G, D] at q + b * q_row
   const float* k;          // [num_pages, Hkv, page_size, D]
   const float* v;          // [num_pages, Hkv, page_size, D]
   const int32_t* table;    // [B, cols]
   float* out;              // [B, Hkv, G, D]
   int64_t cols, heads, groups, page_size, dim;
+  int64_t q_row = heads * groups * dim;  // floats from one row of q to the next (and of k_new, v_new)
   // This step's keys and values, set when the call writes them into the pools itself (k and v then point into
-  // the pools it writes): k_new, v_new [B, Hkv, D] and q before RoPE, cos and sin [B, D], slots [B].
+  // the pools it writes): row b's k_new, v_new [Hkv, D] at k_new + b * q_row (they share q's buffer), q before
+  // RoPE, cos and sin [B, D], slots [B].
   const float* k_new = nullptr;
   const float* v_new = nullptr;
   const float* cos = nullptr;
@@ -275,13 +277,13 @@ void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, KeyRange keys) 
   std::vector<const float*> weights(rows), values(rows);
   std::vector<float*> accs(rows);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const float* q = p.q + (b * p.heads + h0) * p.groups * d;
+  const float* q = p.q + b * p.q_row + h0 * p.groups * d;
   if (p.slots != nullptr) {  // RoPE this step's query and key, and write its key and value into the pools
     const float *cos = p.cos + b * d, *sin = p.sin + b * d;
     for (int64_t r = 0; r < rows; ++r) rope(q + r * d, cos, sin, d, scale, query + r * d);
     const int64_t slot = p.slots[b];
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t at = ((slot / ps) * p.heads + h) * ps * d + slot % ps * d, from = (b * p.heads + h) * d;
+      const int64_t at = ((slot / ps) * p.heads + h) * ps * d + slot % ps * d, from = b * p.q_row + h * d;
       rope(p.k_new + from, cos, sin, d, 1.0f, p.k_write + at);
       std::copy(p.v_new + from, p.v_new + from + d, p.v_write + at);
     }
@@ -452,13 +454,15 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   return ffi::Error::Success();
 }
 
-// The same attention for a step whose keys and values are not in the pools yet: q, k_new and v_new come straight
-// from the projections, before RoPE. The call applies RoPE (cos, sin [B, 1, D]) to q and k_new, writes k_new and
-// v_new at each real row's slot ([B, 1]; rows with position < 0 write nothing) and attends. The pools are returned
-// as outputs aliased to their inputs, so the write is in place. Why: RoPE and the two pool scatters are otherwise
-// five XLA ops per layer around this call.
-ffi::Error PagedDecodeAttentionWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                                     ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> cos,
+// The same attention for a step whose keys and values are not in the pools yet, on the q/k/v projections' output
+// as it is: qkv [B, 1, Hkv * (G + 2), D], each row's Hkv * G query heads, then its Hkv keys, then its Hkv values,
+// before RoPE. The call applies RoPE (cos, sin [B, 1, D]) to the queries and keys, writes the keys and values at
+// each real row's slot ([B, 1]; rows with position < 0 write nothing) and attends; out is [B, 1, Hkv, G, D]. The
+// pools are returned as outputs aliased to their inputs, so the write is in place. Why: RoPE and the two pool
+// scatters are otherwise five XLA ops per layer around this call, and splitting the packed projection's output
+// into q, k and v three more (in a traced bench-110m step the call then began ~30 us after the projection's
+// ended, against ~9 us with the output taken as it is).
+ffi::Error PagedDecodeAttentionWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                                      ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k_pool,
                                      ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> block_table,
                                      ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> slots,
@@ -467,15 +471,14 @@ ffi::Error PagedDecodeAttentionWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   const std::string name = "paged_decode_attention_write";
   // Pools may lead with a stage axis of 1 (see the python wrapper for why).
   const auto pool_dims = [](ffi::Span<const int64_t> d) { return d.size() == 5 && d[0] == 1 ? d.last(4) : d; };
-  const auto qd = q.dimensions(), kd = pool_dims(k_pool.dimensions()), vd = pool_dims(v_pool.dimensions());
-  const auto td = block_table.dimensions(), pd = positions.dimensions(), od = out->dimensions();
-  if (ffi::Error e = check_paged_attention(name, qd, kd, vd, td, pd, od, sliding_window); e.failure()) return e;
-  const int64_t batch = qd[0], heads = qd[2], dim = qd[4], page_size = kd[2], slots_total = kd[0] * kd[2];
-  if (qd[1] != 1) return ffi::Error::InvalidArgument(name + ": q must hold one query per row (T = 1)");
-  const auto nd = k_new.dimensions(), md = v_new.dimensions();
-  for (auto d : {nd, md})
-    if (d.size() != 4 || d[0] != batch || d[1] != 1 || d[2] != heads || d[3] != dim)
-      return ffi::Error::InvalidArgument(name + ": k_new and v_new must be [B, 1, Hkv, D]");
+  const auto od = out->dimensions(), kd = pool_dims(k_pool.dimensions()), vd = pool_dims(v_pool.dimensions());
+  const auto td = block_table.dimensions(), pd = positions.dimensions(), xd = qkv.dimensions();
+  if (ffi::Error e = check_paged_attention(name, od, kd, vd, td, pd, od, sliding_window); e.failure()) return e;
+  const int64_t batch = od[0], heads = od[2], groups = od[3], dim = od[4], page_size = kd[2];
+  const int64_t slots_total = kd[0] * kd[2];
+  if (od[1] != 1) return ffi::Error::InvalidArgument(name + ": out must hold one query per row (T = 1)");
+  if (xd.size() != 4 || xd[0] != batch || xd[1] != 1 || xd[2] != heads * (groups + 2) || xd[3] != dim)
+    return ffi::Error::InvalidArgument(name + ": qkv must be [B, 1, Hkv * (G + 2), D]");
   for (auto d : {cos.dimensions(), sin.dimensions()})
     if (d.size() != 3 || d[0] != batch || d[1] != 1 || d[2] != dim)
       return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, 1, D]");
@@ -499,9 +502,11 @@ ffi::Error PagedDecodeAttentionWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   float* vw = v_out->typed_data();
   if (kw != k_pool.typed_data()) std::copy(k_pool.typed_data(), k_pool.typed_data() + k_pool.element_count(), kw);
   if (vw != v_pool.typed_data()) std::copy(v_pool.typed_data(), v_pool.typed_data() + v_pool.element_count(), vw);
-  Problem p{q.typed_data(), kw, vw, block_table.typed_data(), out->typed_data(), td[1], heads, qd[3], page_size, dim};
-  p.k_new = k_new.typed_data();
-  p.v_new = v_new.typed_data();
+  const float* q = qkv.typed_data();
+  Problem p{q, kw, vw, block_table.typed_data(), out->typed_data(), td[1], heads, groups, page_size, dim};
+  p.q_row = heads * (groups + 2) * dim;
+  p.k_new = q + heads * groups * dim;
+  p.v_new = p.k_new + heads * dim;
   p.cos = cos.typed_data();
   p.sin = sin.typed_data();
   p.slots = slot;
@@ -520,9 +525,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttention, jaxserve::PagedDecod
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttentionWrite, jaxserve::PagedDecodeAttentionWrite,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // q
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_new
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // v_new
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // qkv
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // cos
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // sin
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // k_pool
