@@ -88,6 +88,32 @@ def _bucket(value: int, buckets: tuple[int, ...], what: str) -> int:
     raise ValueError(f"{what} {value} exceeds the largest bucket {buckets[-1]}")
 
 
+def _int_columns(length: int, pages: int) -> int:
+    """Columns of a step's int32 input [rows, ...]: tokens, positions and slots [length] each, the block table
+    [pages], then last_index, top_k, the seed's bits, logprobs and the feed source (-1: none)."""
+    return 3 * length + pages + 5
+
+
+def _float_columns(length: int, head_dim: int) -> int:
+    """Columns of a step's float32 input [rows, ...]: temperature, top_p, then RoPE cos and sin [length, head_dim]
+    each."""
+    return 2 + 2 * length * head_dim
+
+
+def _unpack(ints: jax.Array, floats: jax.Array, length: int, head_dim: int) -> tuple[Any, ...]:
+    """A step's two inputs (see `Runner._pack`) -> tokens, positions, slots, block_table, last_index, sampling
+    params, feed source, cos, sin."""
+    rows = ints.shape[0]
+    c = 3 * length + ints.shape[1] - _int_columns(length, 0)  # the first column past the block table
+    tokens, positions, slots = (ints[:, i * length: (i + 1) * length] for i in range(3))
+    sampling = SamplingParams(floats[:, 0], ints[:, c + 1], floats[:, 1],
+                              jax.lax.bitcast_convert_type(ints[:, c + 2], jnp.uint32), ints[:, c + 3])
+    rope = length * head_dim
+    cos = floats[:, 2: 2 + rope].reshape(rows, length, head_dim)
+    sin = floats[:, 2 + rope:].reshape(rows, length, head_dim)
+    return tokens, positions, slots, ints[:, 3 * length: c], ints[:, c], sampling, ints[:, c + 4], cos, sin
+
+
 def page_buckets(max_pages: int) -> tuple[int, ...]:
     """Pages-per-sequence buckets: powers of two below the block-table width, then the width itself."""
     out = [1 << i for i in range(max(1, math.ceil(math.log2(max_pages))) + 1) if (1 << i) < max_pages]
@@ -271,14 +297,19 @@ class Runner:
         hidden, kv = run_stages(layer_fn, kv, split(x), steps, mesh_cfg.pipeline, stage_axis)
         return merge(hidden), kv
 
-    def _step(self, params: Params, kv: KVPool, tokens: jax.Array, positions: jax.Array, slots: jax.Array,
-              block_table: jax.Array, cos: jax.Array, sin: jax.Array, last_index: jax.Array,
-              sampling: SamplingParams, all_logits: bool) -> tuple[Sampled | jax.Array, KVPool]:
+    def _step(self, params: Params, kv: KVPool, ints: jax.Array, floats: jax.Array, fed: jax.Array, length: int,
+              all_logits: bool) -> tuple[Sampled | jax.Array, KVPool]:
         cfg = self.config.model
         vocab_axis = mesh_axis("vocab") if self.config.mesh.tensor > 1 else None
         param_specs = self.param_specs
         kv_spec = logical_to_spec(KV_AXES)
         kv_specs = [(kv_spec, kv_spec)] * len(kv)
+        tokens, positions, slots, block_table, last_index, sampling, src, cos, sin = _unpack(
+            ints, floats, length, cfg.head_dim)
+        rows = jnp.arange(tokens.shape[0])
+        if length == 1:  # a decode step: rows with a feed source take their token from `fed`
+            picked = fed[jnp.clip(src, 0, fed.shape[0] - 1)]
+            tokens = jnp.where(src >= 0, picked, tokens[:, 0])[:, None]
 
         def body(params, kv, tokens, positions, slots, block_table, cos, sin, last_index):
             hidden, kv = self._forward_local(params, kv, tokens, positions, slots, block_table, cos, sin)
@@ -297,7 +328,6 @@ class Runner:
         )(params, kv, tokens, positions, slots, block_table, cos, sin, last_index)
         if all_logits:
             return logits, kv
-        rows = jnp.arange(tokens.shape[0])
         next_pos = positions[rows, last_index] + 1
         return sample(logits, sampling, next_pos, self.config.runner.max_logprobs, self.sampled_vocab,
                       logit_stats if self.cpu_kernels else None), kv
@@ -314,36 +344,32 @@ class Runner:
         exe = self._compiled.get(key)
         if exe is not None:
             return exe
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-        sampling = SamplingParams(f32(rows), i32(rows), f32(rows), jax.ShapeDtypeStruct((rows,), jnp.uint32),
-                                  i32(rows))
-        fn = jax.jit(functools.partial(self._step, all_logits=all_logits), donate_argnums=(1,))
+        fn = jax.jit(functools.partial(self._step, length=length, all_logits=all_logits), donate_argnums=(1,))
         logging.info("compiling step rows=%d length=%d pages=%d all_logits=%s", rows, length, pages, all_logits)
-        rope = f32(rows, length, self.config.model.head_dim)
-        exe = fn.lower(self.params, self.kv, i32(rows, length), i32(rows, length), i32(rows, length),
-                       i32(rows, pages), rope, rope, i32(rows), sampling).compile()
+        ints = jax.ShapeDtypeStruct((rows, _int_columns(length, pages)), jnp.int32)
+        floats = jax.ShapeDtypeStruct((rows, _float_columns(length, self.config.model.head_dim)), jnp.float32)
+        exe = fn.lower(self.params, self.kv, ints, floats, jax.ShapeDtypeStruct((rows,), jnp.int32)).compile()
         self._compiled[key] = exe
         self.compile_count += 1
         return exe
 
     def _feed_executable(self, previous: int, rows: int) -> Any:
-        """The gather of a `Feed`: ids [previous] of a decode call and runner.max_batch prefill ids [1], source
-        indices [rows] into their concatenation (-1: host), host ids [rows, 1] -> [rows, 1]."""
+        """The gather of a `Feed` the step cannot take as it is: ids [previous] of a decode call and
+        runner.max_batch prefill ids [1], source indices [rows] into their concatenation -> ids [rows] (0 where the
+        source is -1)."""
         key = ("feed", previous, rows)
         exe = self._compiled.get(key)
         if exe is not None:
             return exe
 
-        def gather(ids: jax.Array, prefill: list[jax.Array], src: jax.Array, host: jax.Array) -> jax.Array:
+        def gather(ids: jax.Array, prefill: list[jax.Array], src: jax.Array) -> jax.Array:
             every = jnp.concatenate([ids, *prefill])
-            picked = every[jnp.clip(src, 0, every.shape[0] - 1)]
-            return jnp.where(src >= 0, picked, host[:, 0])[:, None]
+            return jnp.where(src >= 0, every[jnp.clip(src, 0, every.shape[0] - 1)], 0)
 
         rep = NamedSharding(self.mesh, PartitionSpec())
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rep)  # noqa: E731
         exe = jax.jit(gather, out_shardings=rep).lower(
-            i32(previous), [i32(1)] * self.config.runner.max_batch, i32(rows), i32(rows, 1)).compile()
+            i32(previous), [i32(1)] * self.config.runner.max_batch, i32(rows)).compile()
         self._compiled[key] = exe
         self.compile_count += 1
         return exe
@@ -431,7 +457,11 @@ class Runner:
 
     # ----- running -----
 
-    def _pad(self, batch: StepBatch, decode: bool) -> tuple[int, int, int, list[np.ndarray]]:
+    def _pack(self, batch: StepBatch, decode: bool) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+        """The batch padded to its buckets (rows, length, pages) and packed into the step's two host arrays (see
+        `_int_columns`). Why two: every host array a dispatch takes costs CPU time, and on a CPU backend that time
+        is taken from the cores running the previous step (bench-110m at batch 8: twelve arrays and a separate feed
+        gather took 1.08 ms of host CPU per decode call, these two and the feed inside the step 0.81)."""
         r = self.config.runner
         b, t = batch.tokens.shape
         n = batch.block_table.shape[1]
@@ -441,44 +471,54 @@ class Runner:
             rows = 1 if b == 1 else _bucket(b, r.batch_buckets, "batch rows")  # one sequence pays for no padding
             length = _bucket(t, self.prefill_buckets, "prefill chunk length")
         pages = _bucket(n, self.page_buckets, "pages per sequence")
-
-        def pad(a: np.ndarray, shape: tuple[int, ...], fill: float, dtype: Any) -> np.ndarray:
-            out = np.full(shape, fill, dtype)
-            out[tuple(slice(0, s) for s in a.shape)] = a
-            return out
-
-        arrays = [
-            pad(batch.tokens, (rows, length), 0, np.int32),
-            pad(batch.positions, (rows, length), -1, np.int32),
-            pad(batch.slots, (rows, length), TRASH_SLOT, np.int32),
-            pad(batch.block_table, (rows, pages), 0, np.int32),
-            pad(batch.last_index, (rows,), 0, np.int32),
-            pad(batch.temperature, (rows,), 0.0, np.float32),
-            pad(batch.top_k, (rows,), 0, np.int32),
-            pad(batch.top_p, (rows,), 1.0, np.float32),
-            pad(batch.seed, (rows,), 0, np.uint32),
-            pad(np.zeros(b, np.int32) if batch.logprobs is None else batch.logprobs, (rows,), 0, np.int32),
-        ]
+        ints = np.zeros((rows, _int_columns(length, pages)), np.int32)
+        ints[:, length: 2 * length] = -1  # positions of padding
+        ints[:, 2 * length: 3 * length] = TRASH_SLOT
+        ints[:, -1] = -1  # no feed source
+        ints[:b, :t] = batch.tokens
+        ints[:b, length: length + t] = batch.positions
+        ints[:b, 2 * length: 2 * length + t] = batch.slots
+        ints[:b, 3 * length: 3 * length + n] = batch.block_table
+        c = 3 * length + pages
+        ints[:b, c] = batch.last_index
+        ints[:b, c + 1] = batch.top_k
+        ints[:b, c + 2] = np.asarray(batch.seed, np.uint32).view(np.int32)
+        if batch.logprobs is not None:
+            ints[:b, c + 3] = batch.logprobs
+        d = self.config.model.head_dim
+        floats = np.zeros((rows, _float_columns(length, d)), np.float32)
+        floats[:, 1] = 1.0  # top_p of padding
+        floats[:b, 0] = batch.temperature
+        floats[:b, 1] = batch.top_p
         # RoPE tables from the positions, here rather than in the step: XLA fuses cos and sin into each layer's
         # RoPE of q and of k and recomputes them per head there (XLA:CPU: ~25 us of each of those 24 fusions in a
         # 110M decode step).
-        arrays += llama.rope_cos_sin(arrays[1], self._inv_freq, np)
-        return rows, length, pages, arrays
+        cos, sin = llama.rope_cos_sin(ints[:, length: 2 * length], self._inv_freq, np)
+        floats[:, 2: 2 + length * d] = cos.reshape(rows, -1)
+        floats[:, 2 + length * d:] = sin.reshape(rows, -1)
+        return rows, length, pages, ints, floats
 
     def _run(self, batch: StepBatch, decode: bool, all_logits: bool = False, feed: Feed | None = None) -> Any:
-        rows, length, pages, a = self._pad(batch, decode)
+        rows, length, pages, ints, floats = self._pack(batch, decode)
         with self._lock:
-            tokens = a[0]
-            if feed is not None:
-                src = np.full(rows, -1, np.int32)
-                src[: len(feed.rows)] = feed.rows
-                ids = feed.tokens if feed.tokens is not None else self._no_ids(self.decode_buckets[0])
-                prefill = list(feed.prefill) + [self._no_ids(1)] * (self.config.runner.max_batch - len(feed.prefill))
-                tokens = self._feed_executable(ids.shape[0], rows)(ids, prefill, src, a[0])
+            fed = self._no_ids(rows) if feed is None else self._fed(feed, rows, ints[:, -1])
             exe = self._executable(rows, length, pages, all_logits)
-            out, self.kv = exe(self.params, self.kv, tokens, a[1], a[2], a[3], a[10], a[11], a[4],
-                               SamplingParams(a[5], a[6], a[7], a[8], a[9]))
+            out, self.kv = exe(self.params, self.kv, ints, floats, fed)
         return out
+
+    def _fed(self, feed: Feed, rows: int, src: np.ndarray) -> jax.Array:
+        """The ids [rows] a decode step takes its fed tokens from, writing each row's index into them to `src`.
+
+        The steady state (one decode call after another in the same rows bucket) passes the previous call's ids
+        as they are; anything else is gathered into row order first."""
+        src[: len(feed.rows)] = feed.rows
+        if feed.tokens is not None and feed.tokens.shape[0] == rows and not feed.prefill:
+            return feed.tokens
+        ids = feed.tokens if feed.tokens is not None else self._no_ids(self.decode_buckets[0])
+        prefill = list(feed.prefill) + [self._no_ids(1)] * (self.config.runner.max_batch - len(feed.prefill))
+        fed = self._feed_executable(ids.shape[0], rows)(ids, prefill, src.copy())
+        src[: len(feed.rows)] = np.where(feed.rows >= 0, np.arange(len(feed.rows)), -1)
+        return fed
 
     def _no_ids(self, size: int) -> jax.Array:
         """Zero ids [size] on the mesh, standing in for a `Feed` slot the previous step did not fill."""

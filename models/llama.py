@@ -78,7 +78,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 def rope_cos_sin(positions: Any, inv_freq: np.ndarray, xp: Any = jnp) -> tuple[Any, Any]:
     """cos and sin tables [B, T, head_dim] in float32 for absolute `positions` [B, T], computed with the array
-    module `xp`: jax.numpy inside a traced function, numpy on the host (the runner does that, see `Runner._pad`)."""
+    module `xp`: jax.numpy inside a traced function, numpy on the host (the runner does that, see `Runner._pack`)."""
     freqs = positions.astype(xp.float32)[..., None] * xp.asarray(inv_freq)  # [B, T, D/2]
     emb = xp.concatenate([freqs, freqs], axis=-1)
     return xp.cos(emb), xp.sin(emb)

@@ -59,16 +59,22 @@ def test_a_traced_decode_step_is_split_into_the_models_regions(tmp_path) -> None
                       np.asarray([[1], [2]], np.int32), zeros_i, zeros_f, zeros_i, np.ones(2, np.float32),
                       np.zeros(2, np.uint32))
     np.asarray(runner.decode(batch).token)  # compiles outside the trace
-    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
-    try:
-        for _ in range(3):
-            np.asarray(runner.decode(batch).token)
-    finally:
-        jax.profiler.stop_trace()
-    step_ms, found = regions(load_trace(tmp_path), op_labels(runner.hlo_texts()), "jit__step")
-    assert step_ms > 0
-    assert sum(r.ms for r in found) <= step_ms * 1.01  # ops of one run do not overlap on its thread
-    assert sum(r.ms for r in found) >= step_ms * 0.5  # the labelled ops, not the gaps between them, hold the time
+    # The labelled ops, not the gaps between them, hold the time: in a quiet process nearly all of it. Other work
+    # in the process (a test's engine threads winding down) can stretch the gaps of one trace, hence three tries.
+    for attempt in range(3):
+        trace_dir = tmp_path / str(attempt)
+        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+        try:
+            for _ in range(3):
+                np.asarray(runner.decode(batch).token)
+        finally:
+            jax.profiler.stop_trace()
+        step_ms, found = regions(load_trace(trace_dir), op_labels(runner.hlo_texts()), "jit__step")
+        assert step_ms > 0
+        assert sum(r.ms for r in found) <= step_ms * 1.01  # ops of one run do not overlap on its thread
+        if sum(r.ms for r in found) >= step_ms * 0.5:
+            break
+    assert sum(r.ms for r in found) >= step_ms * 0.5
     by_label = {r.label: r for r in found}
     attention = by_label.get("DecoderLayer/attention/attn/ffi_call [jaxserve_paged_decode_attention_write]")
     if runner.cpu_kernels:

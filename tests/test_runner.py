@@ -1,4 +1,5 @@
-"""The runner on the tiny model: every mesh agrees, chunked prefill is exact, nothing compiles after warm-up."""
+"""The runner on the tiny model: every mesh agrees, chunked prefill is exact, tokens fed on the device equal the same
+tokens from the host, nothing compiles after warm-up."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from engine_harness import Collector, started_engine
 from jaxserve.config import load_config
 from jaxserve.engine import Request
 from jaxserve.generate import GenerationOptions, generate
-from jaxserve.runner import Runner, StepBatch, page_buckets
+from jaxserve.runner import Feed, Runner, StepBatch, page_buckets
+from jaxserve.sampling import Sampled
 from jaxserve.sequence import SamplingOptions
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, *range(40, 77)], [256, 9, 9, 9]]
@@ -114,3 +116,59 @@ def test_padding_ids_past_sampled_vocab_size_are_never_sampled() -> None:
     opts = [GenerationOptions(max_tokens=20, temperature=2.0, seed=s) for s in range(4)]
     for out in generate(runner, [PROMPTS[0]] * 4, opts):
         assert max(out) < 10
+
+
+def _step_batch(runner: Runner, rows: list[tuple[int, list[int], int]], temperature: float = 0.0) -> StepBatch:
+    """Rows of (sequence index, its tokens, first position); sequence i holds pages 1 + 8i ... 8 + 8i."""
+    ps, n = runner.config.cache.page_size, max(len(t) for _, t, _ in rows)
+    table = np.array([[1 + 8 * i + j for j in range(8)] for i, _, _ in rows], np.int32)
+    positions = np.full((len(rows), n), -1, np.int32)
+    tokens = np.zeros((len(rows), n), np.int32)
+    for r, (_, t, start) in enumerate(rows):
+        positions[r, : len(t)] = np.arange(start, start + len(t))
+        tokens[r, : len(t)] = t
+    slots = np.where(positions >= 0, table[np.arange(len(rows))[:, None], positions // ps] * ps + positions % ps, 0)
+    b = len(rows)
+    return StepBatch(tokens, positions, slots.astype(np.int32), table, np.array([len(t) - 1 for _, t, _ in rows]),
+                     np.full(b, temperature, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
+                     np.arange(b, dtype=np.uint32))
+
+
+def _same(a: Sampled, b: Sampled, rows: int) -> None:
+    """The same ids and logprobs in the first `rows` rows."""
+    np.testing.assert_array_equal(np.asarray(a.token)[:rows], np.asarray(b.token)[:rows])
+    np.testing.assert_array_equal(np.asarray(a.logprob)[:rows], np.asarray(b.logprob)[:rows])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_tokens_fed_on_the_device_equal_the_same_tokens_given_by_the_host(temperature: float) -> None:
+    runner = _runner()
+    first = [runner.prefill(_step_batch(runner, [(i, p, 0)], temperature)) for i, p in enumerate(PROMPTS)]
+    ids = [int(np.asarray(out.token)[0]) for out in first]
+    at = [len(p) for p in PROMPTS]
+
+    def decode(tokens: list[int], seqs: list[int], feed: Feed | None = None) -> Sampled:
+        rows = [(i, [t], at[i]) for i, t in zip(seqs, tokens, strict=True)]
+        return runner.decode(_step_batch(runner, rows, temperature), feed)
+
+    # From prefill outputs (gathered into row order first), after the previous decode bucket's ids: 4 here.
+    base = runner.decode_buckets[0]
+    host = decode(ids, [0, 1, 2])
+    fed = decode([0, 0, 0], [0, 1, 2], Feed(None, np.array([base, base + 1, base + 2], np.int32),
+                                            tuple(out.token for out in first)))
+    _same(host, fed, 3)
+    at = [a + 1 for a in at]
+    ids = [int(t) for t in np.asarray(host.token)[:3]]
+    # The steady state (the previous decode's ids in the same bucket, taken as they are), one row from the host.
+    host2 = decode([ids[0], 9, ids[2]], [0, 1, 2])
+    fed2 = decode([0, 9, 0], [0, 1, 2], Feed(fed.token, np.array([0, -1, 2], np.int32)))
+    _same(host2, fed2, 3)
+    at = [a + 1 for a in at]
+    ids = [int(t) for t in np.asarray(host2.token)[:3]]
+    # Rows reordered, and a previous bucket (4 rows) other than this one's (8 rows: 5 here).
+    # Sequences 3 and 4 start here, from the host.
+    at += [0, 0]
+    seqs = [2, 0, 1, 3, 4]
+    host3 = decode([ids[2], ids[0], ids[1], 5, 6], seqs)
+    fed3 = decode([0, 0, 0, 5, 6], seqs, Feed(fed2.token, np.array([2, 0, 1, -1, -1], np.int32)))
+    _same(host3, fed3, 5)
