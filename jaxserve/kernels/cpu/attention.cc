@@ -109,13 +109,17 @@ inline float dot(const float* a, const float* __restrict b, int64_t d) {
 }
 
 // Whether a page's KV heads are read side by side (one stream per head) or one head's chunk after another.
-// - AVX-512 builds (tuned on a 2-core Sapphire Rapids VM): side by side, so that the hardware prefetcher keeps many
-//   lines in flight: 8 rows x 257 keys x 12 heads went from 13.4 to 17.3 GB/s against one chunk after another.
+// - AVX-512 builds other than AMD Zen (tuned on a 2-core Sapphire Rapids VM): side by side, so that the hardware
+//   prefetcher keeps many lines in flight: 8 rows x 257 keys x 12 heads went from 13.4 to 17.3 GB/s against one
+//   chunk after another.
 // - AVX2 builds (tuned on a 2-core Zen 3 VM): one chunk after another. There 12 chained calls at 8 rows x 257 keys
 //   took 9.2 ms this way against 11.2 ms side by side (alternated, medians of 12); merely touching every line in
 //   the side-by-side order took as long as the whole kernel. Software prefetch of the next chunk or page, per key or
 //   in bursts, measured slower there; side by side, a fixed distance ahead per stream gains (kAheadKeys).
-#if defined(__AVX512F__)
+// - AVX-512 builds on AMD Zen (a 2-core Zen 4 VM): one chunk after another as well. benchmarks/kernel_vs_read.py
+//   attention (8 rows x 257 keys x 12 heads, 12 layers, both cores, runs of 30 rounds): kernel / probe 1.00-1.06
+//   against 0.63-0.85 side by side (with the prefetch 2, 4 or 8 keys ahead, or none).
+#if defined(__AVX512F__) && !JAXSERVE_AMD_ZEN
 constexpr bool kHeadsSideBySide = true;
 #else
 constexpr bool kHeadsSideBySide = false;

@@ -51,12 +51,19 @@ constexpr int kRows = 8;               // rows of x per pass
 //   0.64-0.89); in a JAX chain of the 110M model's projections at 8 rows six runs took 0.968 of four's time
 //   (paired median of 80 alternated rounds). One core alone reads as fast with 4, 6 or 8 runs: the gain is the two
 //   cores' reads together.
-#if defined(__AVX512F__)
+// - AVX-512 on AMD Zen (a 2-core Zen 4 VM, same harness and shapes, both cores, runs of 30-40 rounds): six runs
+//   prefetched 1.5 KB ahead read at 0.69-0.84 of the probe; two runs 3 KB (16 panel rows) ahead at 0.94-1.00, one
+//   run 3 KB ahead 0.97-0.99, 1-6 runs without prefetch 0.81-0.96, 8 or 12 runs 0.50-0.77. Two runs, 3 KB ahead.
+#if defined(__AVX512F__) && JAXSERVE_AMD_ZEN
+constexpr int kStreams = 2;
+#elif defined(__AVX512F__)
 constexpr int kStreams = 6;
 #else
 constexpr int kStreams = 4;
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && JAXSERVE_AMD_ZEN
+constexpr int64_t kPrefetchBytes = 16 * kTile * 4;
+#elif defined(__AVX512F__)
 constexpr int64_t kPrefetchBytes = 8 * kTile * 4;
 #else
 constexpr int64_t kPrefetchBytes = 2048;
