@@ -53,7 +53,7 @@ constexpr int kRows = 8;               // rows of x per pass
 //   cores' reads together.
 // - AVX-512 on AMD Zen (a 2-core Zen 4 VM, same harness and shapes, both cores, runs of 30-40 rounds): six runs
 //   prefetched 1.5 KB ahead read at 0.69-0.84 of the probe; two runs 3 KB (16 panel rows) ahead at 0.94-1.00, one
-//   run 3 KB ahead 0.97-0.99, 1-6 runs without prefetch 0.81-0.96, 8 or 12 runs 0.50-0.77. Two runs, 3 KB ahead.
+//   run 3 KB ahead 0.89-0.99, 1-6 runs without prefetch 0.74-0.96, 8 or 12 runs 0.50-0.77. Two runs, 3 KB ahead.
 #if defined(__AVX512F__) && JAXSERVE_AMD_ZEN
 constexpr int kStreams = 2;
 #elif defined(__AVX512F__)
