@@ -197,7 +197,8 @@ int matmul(char** argv) {
         for (int s = 0; s < kStreams; ++s) {
           if (i >= run_rows(k_size, kq, s)) continue;
           const float* at = m + s * region + p * panel_size + i * kTile;
-          if constexpr (kPrefetchBytes > 0) __builtin_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes);
+          if constexpr (kPrefetchBytes > 0)
+            __builtin_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, 0, kPrefetchLocality);
           for (int j = 0; j < kVecs; ++j) acc[j] += load(at + j * kLanes);
         }
     vfloat all = acc[0];

@@ -53,7 +53,11 @@ constexpr int kRows = 8;               // rows of x per pass
 //   cores' reads together.
 // - AVX-512 on AMD Zen (a 2-core Zen 4 VM, same harness and shapes, both cores, runs of 30-40 rounds): six runs
 //   prefetched 1.5 KB ahead read at 0.69-0.84 of the probe; two runs 3 KB (16 panel rows) ahead at 0.94-1.00, one
-//   run 3 KB ahead 0.89-0.99, 1-6 runs without prefetch 0.74-0.96, 8 or 12 runs 0.50-0.77. Two runs, 3 KB ahead.
+//   run 3 KB ahead 0.89-0.99, 1-6 runs without prefetch 0.74-0.96, 8 or 12 runs 0.50-0.77. Prefetched into L2
+//   (prefetcht1) instead of L1, two runs read faster still: 3 KB ahead 0.86-1.13, 6 KB ahead 0.94-1.23 (medians of
+//   five runs 0.893 into L1 at 3 KB, 1.063 and 0.987 into L2; kernel GB/s medians 21.9, 26.9, 31.1), four runs 6 KB
+//   ahead 0.99-1.17. Two runs, 6 KB (32 panel rows) ahead, into L2: decode_mbu.py's batch-8 step of bench-110m took
+//   22.83-23.44 ms against 25.96-26.61 with 3 KB into L1 (three alternated runs each).
 #if defined(__AVX512F__) && JAXSERVE_AMD_ZEN
 constexpr int kStreams = 2;
 #elif defined(__AVX512F__)
@@ -62,11 +66,14 @@ constexpr int kStreams = 6;
 constexpr int kStreams = 4;
 #endif
 #if defined(__AVX512F__) && JAXSERVE_AMD_ZEN
-constexpr int64_t kPrefetchBytes = 16 * kTile * 4;
+constexpr int64_t kPrefetchBytes = 32 * kTile * 4;
+constexpr int kPrefetchLocality = 2;  // prefetcht1: into L2
 #elif defined(__AVX512F__)
 constexpr int64_t kPrefetchBytes = 8 * kTile * 4;
+constexpr int kPrefetchLocality = 3;  // prefetcht0: into L1
 #else
 constexpr int64_t kPrefetchBytes = 2048;
+constexpr int kPrefetchLocality = 3;
 #endif
 constexpr int64_t kRowBytes = kTile * 4;
 constexpr int64_t kRowsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;  // panel rows per 64-byte line
@@ -107,7 +114,8 @@ inline void panel_rows(const float* x, int64_t k_size, int64_t kq, const float* 
       if constexpr (kPrefetchBytes > 0 && R > 1) {
         const char* ahead = reinterpret_cast<const char*>(ws[s] + i * kTile) + kPrefetchBytes;
 #pragma GCC unroll 8
-        for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+        for (int64_t b = 0; b < kRowBytes * kRowsPerLine; b += 64)
+          __builtin_prefetch(ahead + b, 0, kPrefetchLocality);
       }
 #pragma GCC unroll 8
       for (int64_t j = i; j < i + kRowsPerLine; ++j) row(ws[s] + j * kTile, xs[s] + j * R);
