@@ -88,10 +88,19 @@ def _bucket(value: int, buckets: tuple[int, ...], what: str) -> int:
     raise ValueError(f"{what} {value} exceeds the largest bucket {buckets[-1]}")
 
 
+# The per-row scalars of a step's int32 input, after its [length] and [pages] blocks, in this order.
+_INT_SCALARS = ("last_index", "top_k", "seed", "logprobs", "feed")
+
+
 def _int_columns(length: int, pages: int) -> int:
     """Columns of a step's int32 input [rows, ...]: tokens, positions and slots [length] each, the block table
-    [pages], then last_index, top_k, the seed's bits, logprobs and the feed source (-1: none)."""
-    return 3 * length + pages + 5
+    [pages], then `_INT_SCALARS` (the seed as its bits; the feed source -1 where there is none)."""
+    return 3 * length + pages + len(_INT_SCALARS)
+
+
+def _int_column(length: int, pages: int, scalar: str) -> int:
+    """The column of one of `_INT_SCALARS` in a step's int32 input."""
+    return 3 * length + pages + _INT_SCALARS.index(scalar)
 
 
 def _float_columns(length: int, head_dim: int) -> int:
@@ -104,14 +113,16 @@ def _unpack(ints: jax.Array, floats: jax.Array, length: int, head_dim: int) -> t
     """A step's two inputs (see `Runner._pack`) -> tokens, positions, slots, block_table, last_index, sampling
     params, feed source, cos, sin."""
     rows = ints.shape[0]
-    c = 3 * length + ints.shape[1] - _int_columns(length, 0)  # the first column past the block table
+    pages = ints.shape[1] - _int_columns(length, 0)
+    col = {name: ints[:, _int_column(length, pages, name)] for name in _INT_SCALARS}
     tokens, positions, slots = (ints[:, i * length: (i + 1) * length] for i in range(3))
-    sampling = SamplingParams(floats[:, 0], ints[:, c + 1], floats[:, 1],
-                              jax.lax.bitcast_convert_type(ints[:, c + 2], jnp.uint32), ints[:, c + 3])
+    sampling = SamplingParams(floats[:, 0], col["top_k"], floats[:, 1],
+                              jax.lax.bitcast_convert_type(col["seed"], jnp.uint32), col["logprobs"])
     rope = length * head_dim
     cos = floats[:, 2: 2 + rope].reshape(rows, length, head_dim)
     sin = floats[:, 2 + rope:].reshape(rows, length, head_dim)
-    return tokens, positions, slots, ints[:, 3 * length: c], ints[:, c], sampling, ints[:, c + 4], cos, sin
+    block_table = ints[:, 3 * length: 3 * length + pages]
+    return tokens, positions, slots, block_table, col["last_index"], sampling, col["feed"], cos, sin
 
 
 def page_buckets(max_pages: int) -> tuple[int, ...]:
@@ -474,17 +485,17 @@ class Runner:
         ints = np.zeros((rows, _int_columns(length, pages)), np.int32)
         ints[:, length: 2 * length] = -1  # positions of padding
         ints[:, 2 * length: 3 * length] = TRASH_SLOT
-        ints[:, -1] = -1  # no feed source
+        col = functools.partial(_int_column, length, pages)
+        ints[:, col("feed")] = -1  # no feed source
         ints[:b, :t] = batch.tokens
         ints[:b, length: length + t] = batch.positions
         ints[:b, 2 * length: 2 * length + t] = batch.slots
         ints[:b, 3 * length: 3 * length + n] = batch.block_table
-        c = 3 * length + pages
-        ints[:b, c] = batch.last_index
-        ints[:b, c + 1] = batch.top_k
-        ints[:b, c + 2] = np.asarray(batch.seed, np.uint32).view(np.int32)
+        ints[:b, col("last_index")] = batch.last_index
+        ints[:b, col("top_k")] = batch.top_k
+        ints[:b, col("seed")] = np.asarray(batch.seed, np.uint32).view(np.int32)
         if batch.logprobs is not None:
-            ints[:b, c + 3] = batch.logprobs
+            ints[:b, col("logprobs")] = batch.logprobs
         d = self.config.model.head_dim
         floats = np.zeros((rows, _float_columns(length, d)), np.float32)
         floats[:, 1] = 1.0  # top_p of padding
@@ -501,7 +512,8 @@ class Runner:
     def _run(self, batch: StepBatch, decode: bool, all_logits: bool = False, feed: Feed | None = None) -> Any:
         rows, length, pages, ints, floats = self._pack(batch, decode)
         with self._lock:
-            fed = self._no_ids(rows) if feed is None else self._fed(feed, rows, ints[:, -1])
+            src = ints[:, _int_column(length, pages, "feed")]
+            fed = self._no_ids(rows) if feed is None else self._fed(feed, rows, src)
             exe = self._executable(rows, length, pages, all_logits)
             out, self.kv = exe(self.params, self.kv, ints, floats, fed)
         return out
